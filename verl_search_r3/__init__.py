@@ -1,0 +1,10 @@
+"""verl-search-r3: train LLMs that reason, then embed (Search-R3) and reason, then search (Search-R1) on verl.
+
+The core modules (:mod:`tokens`, :mod:`prompts`, :mod:`embedding`, :mod:`losses`) need only torch
+and transformers; verl-specific glue lives in :mod:`plugin` and the worker/trainer modules.
+"""
+
+from .tokens import EMBED_TOKEN, add_embed_token, embed_token_id
+
+__version__ = "0.1.0"
+__all__ = ["EMBED_TOKEN", "add_embed_token", "embed_token_id", "__version__"]

@@ -1,0 +1,14 @@
+"""verl plugin entry point (``[project.entry-points."verl.plugins"]``).
+
+``import verl`` imports this module in every process (driver, TaskRunner, training, agent-loop
+and reward-loop workers). It must stay light and only perform registrations. verl swallows
+exceptions raised here (logged at DEBUG level), so ``tests/test_plugin.py`` asserts every
+registration after ``import verl``.
+
+:data:`REGISTERED` lists ``(registry, name)`` pairs this module has registered; later components
+append their registrations here.
+"""
+
+from __future__ import annotations
+
+REGISTERED: list[tuple[str, str]] = []
