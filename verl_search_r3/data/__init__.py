@@ -1,0 +1,1 @@
+"""Dataset readers and converters used by the ``data_prep/`` scripts and the evaluation."""
