@@ -43,3 +43,13 @@ def cranfield_dir():
     if not os.path.isdir(path):
         pytest.skip("../shared/data/cranfield is not present")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tiny_qwen, tmp_path_factory):
+    """The tiny model and its tokenizer saved as an HF folder (usable as actor_rollout_ref.model.path)."""
+    model, tok = tiny_qwen
+    path = tmp_path_factory.mktemp("tiny_qwen")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

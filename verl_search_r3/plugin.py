@@ -5,10 +5,11 @@ and reward-loop workers). It must stay light and only perform registrations. ver
 exceptions raised here (logged at DEBUG level), so ``tests/test_plugin.py`` asserts every
 registration after ``import verl``.
 
-:data:`REGISTERED` lists ``(registry, name)`` pairs this module has registered; later components
-append their registrations here.
+:data:`REGISTERED` lists ``(registry, name)`` pairs registered by this module.
 """
 
 from __future__ import annotations
 
-REGISTERED: list[tuple[str, str]] = []
+from . import reward  # noqa: F401  (registers reward manager "search_r3")
+
+REGISTERED: list[tuple[str, str]] = [("reward_manager", "search_r3")]
