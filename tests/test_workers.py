@@ -1,0 +1,207 @@
+"""Embedding-aware actor pieces, run through verl's real FSDP engine class methods on CPU.
+
+The FSDP engine cannot be *initialised* without CUDA, but its ``prepare_model_inputs`` /
+``prepare_model_outputs`` are plain torch: we build the engine object without ``__init__``,
+attach a tiny Qwen2 as its module and run exactly the code path of a micro-batch.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tensordict import TensorDict
+from verl.utils import tensordict_utils as tu
+from verl.workers.config.actor import ActorConfig, PolicyLossConfig
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+from verl.workers.utils.losses import ppo_loss
+
+from verl_search_r3.embedding import last_hidden_states
+from verl_search_r3.losses import InfoNCELoss
+from verl_search_r3.tiny import build_tiny_qwen2
+from verl_search_r3.tokens import embed_token_id
+from verl_search_r3.workers import (
+    DOC_IDS_KEY,
+    DOC_MASK_KEY,
+    DOCS_KEY,
+    EMBEDDING_KEY,
+    ContrastiveConfig,
+    add_embedding_outputs,
+    response_embeddings,
+    search_r3_ppo_loss,
+)
+
+
+def nj(seqs, dtype=torch.long):
+    return torch.nested.as_nested_tensor([torch.as_tensor(s, dtype=dtype) for s in seqs], layout=torch.jagged)
+
+
+def test_response_embeddings_packed_and_padded_layouts():
+    E = 99
+    prompts, responses = [[1, E, 2], [3, 4]], [[5, E, 6], [7]]  # 2nd response has no token
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    hidden_rows = [torch.randn(len(s), 4) for s in seqs]
+    ids = nj(seqs)
+    plen = torch.tensor([3, 2])
+    packed = torch.cat(hidden_rows + [torch.randn(3, 4)])[None]  # trailing static pad
+    padded = torch.zeros(2, 6, 4)
+    for i, h in enumerate(hidden_rows):
+        padded[i, : len(h)] = h
+    for hidden, is_packed in ((packed, True), (padded, False)):
+        emb = response_embeddings(hidden, ids, E, plen, packed=is_packed)
+        torch.testing.assert_close(emb[0], F.normalize(hidden_rows[0][4], dim=0))
+        assert torch.all(emb[1] == 0)
+    # without prompt lengths, the token quoted in the prompt counts for the 2nd sequence? no: it has none
+    emb_all = response_embeddings(packed, nj([[1, E, 2], [E, 3]]), E, None, packed=True)
+    assert torch.all(emb_all.norm(dim=-1) > 0)
+
+
+@pytest.fixture()
+def engine_and_model():
+    model, tok = build_tiny_qwen2(seed=11)
+    model.train()
+    eng = object.__new__(FSDPEngineWithLMHead)
+    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
+    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    add_embedding_outputs(eng, model, embed_token_id(tok))
+    return eng, model, embed_token_id(tok)
+
+
+def _micro_batch(prompts, responses, use_remove_padding=False):
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    mb = TensorDict(
+        {
+            "input_ids": nj(seqs),
+            "position_ids": nj([list(range(len(s))) for s in seqs]),
+            "prompts": nj(prompts),
+            "responses": nj(responses),
+        },
+        batch_size=[len(seqs)],
+    )
+    tu.assign_non_tensor(mb, temperature=1.0, use_remove_padding=use_remove_padding)
+    return mb
+
+
+def _forward(eng, model, mb):
+    inputs, args = eng.prepare_model_inputs(mb)
+    out = model(**inputs, use_cache=False)
+    return eng.prepare_model_outputs(out, args, mb, None)
+
+
+@pytest.mark.parametrize("use_remove_padding", [False, True])
+def test_engine_outputs_embedding_equal_to_a_manual_forward(engine_and_model, use_remove_padding):
+    eng, model, E = engine_and_model
+    assert type(eng).__name__ == "SearchR3FSDPEngineWithLMHead"
+    # the packed layout on CPU has no varlen attention, so check it with one sequence per micro-batch
+    prompts = [[11, E, 12, 13]] if use_remove_padding else [[11, E, 12, 13], [14, 15]]
+    responses = [[21, 22, E, 23]] if use_remove_padding else [[21, 22, E, 23], [24, E]]
+    mb = _micro_batch(prompts, responses, use_remove_padding)
+    mo = _forward(eng, model, mb)
+    assert set(mo) == {"log_probs", EMBEDDING_KEY}
+    with torch.no_grad():
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            seq = torch.tensor([p + r])
+            h = last_hidden_states(model, seq)[0]
+            pos = len(p) + max(j for j, t in enumerate(r) if t == E)
+            torch.testing.assert_close(mo[EMBEDDING_KEY][i].detach(), F.normalize(h[pos], dim=0), atol=1e-5, rtol=1e-4)
+    # a second add is idempotent and the log-prob pass without grad still fills the field
+    add_embedding_outputs(eng, model, E)
+    with torch.no_grad():
+        assert _forward(eng, model, mb)[EMBEDDING_KEY].shape == (len(prompts), 64)
+
+
+def test_sequence_parallel_is_refused():
+    eng = SimpleNamespace(ulysses_sequence_parallel_size=2)
+    with pytest.raises(ValueError, match="ulysses_sequence_parallel_size=1"):
+        add_embedding_outputs(eng, torch.nn.Linear(1, 1), 5)
+
+
+def _rl_data(mb, responses, docs, doc_ids, doc_mask, global_batch_size):
+    n = len(responses)
+    data = mb.clone()
+    data["response_mask"] = nj([[1] * len(r) for r in responses], torch.float32)
+    data["old_log_probs"] = nj([[-1.0] * len(r) for r in responses], torch.float32)
+    data["advantages"] = nj([[1.0 if i % 2 else -1.0] * len(r) for i, r in enumerate(responses)], torch.float32)
+    data[DOCS_KEY], data[DOC_IDS_KEY], data[DOC_MASK_KEY] = docs, doc_ids, doc_mask
+    n_tokens = sum(len(r) for r in responses)
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tokens, global_batch_size=global_batch_size)
+    return data
+
+
+def _actor_config():
+    return ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, policy_loss=PolicyLossConfig(loss_mode="vanilla"))
+
+
+def test_loss_is_ppo_plus_scaled_infonce_and_grads_reach_the_model(engine_and_model):
+    eng, model, E = engine_and_model
+    prompts, responses = [[1, 2], [3, 4], [5]], [[6, E], [7, 8, E], [9, 10]]  # 3rd: no token
+    mb = _micro_batch(prompts, responses)
+    torch.manual_seed(0)
+    docs = torch.randn(3, 3, 64)
+    doc_ids = torch.tensor([[1, 2, 3], [1, 4, 5], [6, 7, 8]])
+    doc_mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
+    data = _rl_data(mb, responses, docs, doc_ids, doc_mask, global_batch_size=4)
+    cfg = ContrastiveConfig(coef=0.5, temperature=0.1)
+    mo = _forward(eng, model, mb)
+    loss, metrics = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=cfg)
+
+    base, _ = ppo_loss(_actor_config(), mo, data)
+    q = mo[EMBEDDING_KEY]
+    nce_rows = []
+    for i in range(2):  # rows with an embed token; per-group softmax over [positive, valid negatives]
+        cands = [docs[i, 0]] + [docs[i, j] for j in (1, 2) if doc_mask[i, j]]
+        logits = torch.stack([F.cosine_similarity(q[i], c, dim=0) for c in cands]) / 0.1
+        nce_rows.append(-F.log_softmax(logits, 0)[0])
+    want = base + 0.5 * sum(nce_rows) * (1 / 4)  # dp_size / global_batch_size
+    torch.testing.assert_close(loss, want)
+    assert metrics["actor/embed_found_frac"] == pytest.approx(2 / 3)
+    assert 0 <= metrics["actor/contrastive_acc"] <= 1
+    model.zero_grad()
+    loss.backward()
+    assert model.model.norm.weight.grad.abs().sum() > 0
+    # coef 0 is exactly verl's ppo_loss
+    off, _ = search_r3_ppo_loss(_actor_config(), _forward(eng, model, mb), data, contrastive=ContrastiveConfig(coef=0))
+    torch.testing.assert_close(off, ppo_loss(_actor_config(), _forward(eng, model, mb), data)[0])
+
+
+def test_contrastive_gradient_is_invariant_to_micro_batching(engine_and_model):
+    eng, model, E = engine_and_model
+    prompts = [[1, 2], [3], [4, 5, 6], [7]]
+    responses = [[8, E], [9, 10, E], [11, E], [12, 13, E]]
+    torch.manual_seed(1)
+    docs, doc_ids = torch.randn(4, 3, 64), torch.arange(12).view(4, 3)
+    doc_mask = torch.ones(4, 3, dtype=torch.bool)
+    cfg = ContrastiveConfig(coef=1.0, temperature=0.2)
+
+    def grads(splits):
+        model.zero_grad()
+        for idx in splits:
+            mb = _micro_batch([prompts[i] for i in idx], [responses[i] for i in idx])
+            data = _rl_data(mb, [responses[i] for i in idx], docs[idx], doc_ids[idx], doc_mask[idx], global_batch_size=4)
+            data["advantages"] = nj([[0.0] * len(responses[i]) for i in idx], torch.float32)  # isolate the NCE term
+            loss, _ = search_r3_ppo_loss(_actor_config(), _forward(eng, model, mb), data, contrastive=cfg)
+            loss.backward()
+        return model.model.norm.weight.grad.clone()
+
+    one = grads([[0, 1, 2, 3]])
+    two = grads([[0, 1], [2, 3]])
+    four = grads([[0], [1], [2], [3]])
+    torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(one, four, atol=1e-6, rtol=1e-4)
+    assert one.abs().sum() > 0
+
+
+def test_in_batch_negatives_mask_shared_positives(engine_and_model):
+    """With in-batch negatives, samples of one GRPO group share the positive: never a negative."""
+    eng, model, E = engine_and_model
+    prompts, responses = [[1], [1]], [[2, E], [3, E]]
+    mb = _micro_batch(prompts, responses)
+    docs = torch.randn(2, 2, 64)
+    docs[1, 0] = docs[0, 0]
+    doc_ids = torch.tensor([[7, 8], [7, 9]])  # same positive id
+    data = _rl_data(mb, responses, docs, doc_ids, torch.ones(2, 2, dtype=torch.bool), global_batch_size=2)
+    mo = _forward(eng, model, mb)
+    with_ib, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1, in_batch_negatives=True))
+    nce = InfoNCELoss(0.05)(mo[EMBEDDING_KEY], docs[:, 0], docs[:, 1:], positive_ids=doc_ids[:, 0], negative_ids=doc_ids[:, 1:])
+    base, _ = ppo_loss(_actor_config(), mo, data)
+    torch.testing.assert_close(with_ib, base + nce * 2 * (1 / 2))
