@@ -14,8 +14,10 @@ import sys, verl
 assert 'verl_search_r3.plugin' in sys.modules, 'plugin not imported by import verl'
 from verl_search_r3.plugin import REGISTERED
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 lookups = {
     'reward_manager': get_reward_manager_cls,
+    'agent_loop': lambda name: _agent_loop_registry[name]['_target_'],
 }
 for registry, name in REGISTERED:
     obj = lookups[registry](name)

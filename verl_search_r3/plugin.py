@@ -10,6 +10,9 @@ registration after ``import verl``.
 
 from __future__ import annotations
 
-from . import reward  # noqa: F401  (registers reward manager "search_r3")
+from . import agent_loop, reward  # noqa: F401  (registration side effects)
 
-REGISTERED: list[tuple[str, str]] = [("reward_manager", "search_r3")]
+REGISTERED: list[tuple[str, str]] = [
+    ("reward_manager", "search_r3"),
+    ("agent_loop", "search_r3_agent"),
+]
