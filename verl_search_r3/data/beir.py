@@ -1,21 +1,35 @@
-"""Read a BEIR-layout folder: ``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``.
+"""BEIR-layout folders: ``corpus.jsonl`` (``_id,title,text``), ``queries.jsonl`` (``_id,text``),
+``qrels/<split>.tsv`` (header ``query-id corpus-id score``, graded).
 
-This in-memory reader suits collections that fit in RAM (evaluation sets such as Cranfield,
-SciFact, NFCorpus). Errors name the file, line and field.
+Two ways in: :func:`load_beir` reads a collection that fits in RAM (evaluation sets such as
+Cranfield, SciFact, NFCorpus) and raises on the first defect; :func:`convert_beir` streams the
+corpus to parquet for ``data_prep`` (BEIR's MS MARCO has 8.8M passages) and skips bad rows with
+a warning unless the :class:`IssueLog` is strict. Messages name the file, line and field.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-__all__ = ["BeirData", "DataFormatError", "load_beir", "read_jsonl", "read_qrels"]
+from .collection import Collection, CorpusWriter, QrelsBuilder, relevant_only
+from .issues import DataFormatError, IssueLog
+from .readers import iter_jsonl, iter_tsv, require_file, text_field
 
+__all__ = [
+    "BeirData",
+    "DataFormatError",
+    "BeirPaths",
+    "load_beir",
+    "convert_beir",
+    "iter_beir_corpus",
+    "iter_beir_queries",
+    "read_beir_qrels",
+    "read_qrels",
+]
 
-class DataFormatError(ValueError):
-    """Malformed input; the message names the file, line and field."""
+QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
 @dataclass
@@ -32,72 +46,139 @@ class BeirData:
         return {q: t for q, t in self.queries.items() if any(g > 0 for g in self.qrels.get(q, {}).values())}
 
 
-def read_jsonl(path: str, required: tuple[str, ...]):
-    """Yield ``(line_number, record)`` from a JSON-lines file, checking ``required`` string fields."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataFormatError(f"{path}:{n}: expected a JSON object")
-            for field in required:
-                if field not in rec:
-                    raise DataFormatError(f"{path}:{n}: missing field {field!r}")
-            yield n, rec
+@dataclass(frozen=True)
+class BeirPaths:
+    """The three files of a BEIR folder for one split; checked to exist."""
+
+    corpus: str
+    queries: str
+    qrels: str
+
+    @classmethod
+    def of(cls, folder: str, split: str = "test", need_qrels: bool = True) -> BeirPaths:
+        """Paths in ``folder``; a missing file is a :class:`FileNotFoundError` naming it."""
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"BEIR folder {folder!r} does not exist")
+        paths = cls(
+            corpus=os.path.join(folder, "corpus.jsonl"),
+            queries=os.path.join(folder, "queries.jsonl"),
+            qrels=os.path.join(folder, "qrels", f"{split}.tsv"),
+        )
+        require_file(paths.corpus, "BEIR corpus")
+        if need_qrels:
+            require_file(paths.queries, "BEIR queries")
+            require_file(paths.qrels, f"BEIR qrels (split {split!r})")
+        return paths
 
 
-def read_qrels(path: str) -> dict[str, dict[str, int]]:
-    """Read a BEIR qrels TSV (header ``query-id corpus-id score``)."""
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None)
-        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
-            raise DataFormatError(f"{path}:1: expected header 'query-id<TAB>corpus-id<TAB>score', got {header!r}")
-        for n, row in enumerate(reader, 2):
-            if not row:
-                continue
-            if len(row) < 3:
-                raise DataFormatError(f"{path}:{n}: expected 3 tab-separated fields, got {len(row)}")
-            try:
-                grade = int(float(row[2]))
-            except ValueError:
-                raise DataFormatError(f"{path}:{n}: field 'score' is not a number: {row[2]!r}") from None
-            qrels.setdefault(row[0], {})[row[1]] = grade
-    return qrels
+def iter_beir_corpus(path: str, issues: IssueLog, progress: bool = False) -> Iterator[tuple[str, str, str, str]]:
+    """``(place, doc_id, title, text)`` per well-formed line of ``corpus.jsonl`` (title may be absent)."""
+    for place, rec in iter_jsonl(path, issues, progress, desc="corpus"):
+        doc_id = text_field(rec, "_id", place, issues, is_id=True)
+        if doc_id is None:
+            continue
+        text = text_field(rec, "text", place, issues)
+        if text is None:
+            continue
+        title = text_field(rec, "title", place, issues, required=False)
+        if title is None:
+            continue
+        yield place, doc_id, title, text
+
+
+def iter_beir_queries(path: str, issues: IssueLog) -> Iterator[tuple[str, str, str]]:
+    """``(place, qid, text)`` per well-formed line of ``queries.jsonl``."""
+    for place, rec in iter_jsonl(path, issues):
+        qid = text_field(rec, "_id", place, issues, is_id=True)
+        text = text_field(rec, "text", place, issues) if qid is not None else None
+        if text is not None:
+            yield place, qid, text
+
+
+def read_beir_qrels(path: str, issues: IssueLog) -> QrelsBuilder:
+    """Judgements of a BEIR qrels TSV (unchecked against queries and corpus until ``finish``)."""
+    builder = QrelsBuilder(issues, QRELS_HEADER)
+    for place, row in iter_tsv(path, QRELS_HEADER, issues, header=QRELS_HEADER):
+        builder.add(row["query-id"], row["corpus-id"], row["score"], place)
+    return builder
+
+
+def _read_queries(path: str, issues: IssueLog, wanted: set[str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Queries (only ``wanted`` ids, if given) and the ids skipped for an empty text, with places."""
+    queries: dict[str, str] = {}
+    seen: set[str] = set()
+    skipped: dict[str, str] = {}
+    for place, qid, text in iter_beir_queries(path, issues):
+        if qid in seen:
+            issues.skip("duplicate_id", f"{place}: duplicate _id {qid!r} (the first one is kept)")
+            continue
+        seen.add(qid)
+        if wanted is not None and qid not in wanted:
+            continue
+        if not text.strip():
+            issues.skip("empty_text", f"{place}: empty 'text' in query {qid!r}")
+            skipped[qid] = place
+            continue
+        queries[qid] = text
+    return queries, skipped
 
 
 def load_beir(folder: str, split: str = "test") -> BeirData:
-    """Load a BEIR folder; qrels rows naming unknown queries or documents are an error."""
-    paths = {
-        "corpus": os.path.join(folder, "corpus.jsonl"),
-        "queries": os.path.join(folder, "queries.jsonl"),
-        "qrels": os.path.join(folder, "qrels", f"{split}.tsv"),
-    }
-    for what, path in paths.items():
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"BEIR folder {folder!r} has no {what} file {path!r}")
+    """Load a whole BEIR folder into memory; any defect raises :class:`DataFormatError`.
+
+    Documents with an empty text are kept (evaluation needs the corpus as published).
+    """
+    paths = BeirPaths.of(folder, split)
+    issues = IssueLog(strict=True)
     corpus: dict[str, tuple[str, str]] = {}
-    for n, rec in read_jsonl(paths["corpus"], ("_id", "text")):
-        doc_id = str(rec["_id"])
+    for place, doc_id, title, text in iter_beir_corpus(paths.corpus, issues):
         if doc_id in corpus:
-            raise DataFormatError(f"{paths['corpus']}:{n}: duplicate _id {doc_id!r}")
-        corpus[doc_id] = (str(rec.get("title") or ""), str(rec["text"] or ""))
+            issues.skip("duplicate_id", f"{place}: duplicate _id {doc_id!r}")
+        corpus[doc_id] = (title, text)
     queries: dict[str, str] = {}
-    for n, rec in read_jsonl(paths["queries"], ("_id", "text")):
-        qid = str(rec["_id"])
+    for place, qid, text in iter_beir_queries(paths.queries, issues):
         if qid in queries:
-            raise DataFormatError(f"{paths['queries']}:{n}: duplicate _id {qid!r}")
-        queries[qid] = str(rec["text"])
-    qrels = read_qrels(paths["qrels"])
-    for qid, docs in qrels.items():
-        if qid not in queries:
-            raise DataFormatError(f"{paths['qrels']}: query-id {qid!r} is not in {paths['queries']}")
-        unknown = [d for d in docs if d not in corpus]
-        if unknown:
-            raise DataFormatError(f"{paths['qrels']}: corpus-id {unknown[0]!r} (query {qid!r}) is not in {paths['corpus']}")
+            issues.skip("duplicate_id", f"{place}: duplicate _id {qid!r}")
+        queries[qid] = text
+    qrels = read_beir_qrels(paths.qrels, issues).finish(queries, corpus, paths.queries, paths.corpus)
     return BeirData(corpus=corpus, queries=queries, qrels=qrels, name=os.path.basename(os.path.normpath(folder)))
+
+
+def convert_beir(
+    folder: str,
+    split: str,
+    corpus_path: str,
+    issues: IssueLog,
+    batch_rows: int = 50_000,
+    progress: bool = False,
+) -> Collection:
+    """Stream a BEIR folder into ``corpus_path`` and return its judged queries and relevance.
+
+    Order: qrels (small) → queries (only judged ones kept) → corpus (streamed to parquet) →
+    judgements checked against both.
+    """
+    paths = BeirPaths.of(folder, split)
+    builder = read_beir_qrels(paths.qrels, issues)
+    judgements_read = len(builder)
+    queries, skipped_queries = _read_queries(paths.queries, issues, wanted=builder.query_ids())
+    corpus = CorpusWriter(corpus_path, issues, id_field="_id", text_field="text", batch_rows=batch_rows)
+    for place, doc_id, title, text in iter_beir_corpus(paths.corpus, issues, progress):
+        corpus.add(doc_id, title, text, place)
+    num_docs = corpus.close()
+    judged = builder.finish(queries, corpus, paths.queries, paths.corpus, skipped_queries, corpus.skipped)
+    qrels, non_relevant = relevant_only(judged)
+    return Collection(
+        name=os.path.basename(os.path.normpath(folder)),
+        corpus_path=corpus_path,
+        num_docs=num_docs,
+        queries={q: t for q, t in queries.items() if q in qrels},
+        qrels=qrels,
+        negatives={},
+        inputs=[paths.corpus, paths.queries, paths.qrels],
+        stats={"judgements_read": judgements_read, "non_relevant_judgements": non_relevant},
+    )
+
+
+def read_qrels(path: str) -> dict[str, dict[str, int]]:
+    """Read a BEIR qrels TSV (header ``query-id corpus-id score``) without checking ids; any defect raises."""
+    return read_beir_qrels(path, IssueLog(strict=True)).judgements()
