@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         p.error(str(e))
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
-    logging.getLogger("bm25s").setLevel(logging.WARNING)  # bm25s sets its own logger to DEBUG
+    for handler in logging.getLogger().handlers:  # bm25s sets its own logger to DEBUG; show warnings only
+        handler.setLevel(logging.WARNING)
     try:
         report = build_pairs(opts)
     except (DataFormatError, OSError) as e:
