@@ -59,7 +59,8 @@ def pairs_of(tmp_path):
 
 
 def test_msmarco_folder_with_triples(tmp_path):
-    src = write_msmarco(tmp_path / "msmarco", triples=[("q1", "d1", "d4"), ("q1", "d1", "d3"), ("q1", "d1", "d1")])
+    triples = [("q1", "d1", "d4"), ("q9", "d1", "d2"), ("q1", "d1", "d99"), ("q1", "d1", "d3"), ("q1", "d1", "d1")]
+    src = write_msmarco(tmp_path / "msmarco", triples=triples)
     report = run(tmp_path, "msmarco", src, triples=os.path.join(src, "triples.tsv"), negatives=NegativeOptions(num_negatives=2))
     c = report.manifest["counts"]
     assert (c["documents"], c["queries"], c["pairs"], c["judgements_read"]) == (6, 3, 4, 4)
@@ -68,6 +69,7 @@ def test_msmarco_folder_with_triples(tmp_path):
     assert pairs[("q1", "d1")]["pos_text"] == "Wing flutter flutter of swept wings at supersonic speed"
     assert pairs[("q2", "d6")]["grade"] == 3 and pairs[("q3", "d5")]["neg_ids"] == []
     assert set(report.manifest["inputs"]) == {"collection.tsv", "queries.train.tsv", "qrels.train.tsv", "triples.tsv"}
+    assert report.manifest["skipped"] == {"unknown_query": 1, "unknown_document": 1}  # triples lines 2 and 3
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf-disk"])

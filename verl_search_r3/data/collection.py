@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from ..prompts import format_document
 from .issues import DataFormatError, IssueLog
 
-__all__ = ["CORPUS_SCHEMA", "Collection", "CorpusWriter", "QrelsBuilder", "GivenNegatives", "relevant_only"]
+__all__ = ["CORPUS_SCHEMA", "Collection", "CorpusWriter", "QrelsBuilder", "GivenNegatives", "relevant_only", "missing_reason"]
 
 #: ``corpus.parquet``: one row per document, in input order.
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -101,34 +101,16 @@ class GivenNegatives:
 
     cap: int
     by_query: dict[str, list[str]] = field(default_factory=dict)
-    _places: dict[tuple[str, str], str] = field(default_factory=dict)
 
-    def add(self, qid: str, doc_id: str, place: str) -> None:
+    def add(self, qid: str, doc_id: str) -> None:
         """Remember ``doc_id`` as a negative of ``qid`` (repeats and those past the cap are dropped)."""
         negs = self.by_query.setdefault(qid, [])
         if len(negs) < self.cap and doc_id not in negs:
             negs.append(doc_id)
-            self._places[(qid, doc_id)] = place
-
-    def validate(self, queries: dict[str, str], corpus: CorpusWriter, issues: IssueLog, query_field: str, doc_field: str) -> None:
-        """Drop negatives of queries without a relevant document or of documents not in the corpus."""
-        for qid in list(self.by_query):
-            if qid not in queries:
-                for d in self.by_query.pop(qid):
-                    issues.skip("unknown_query", f"{self._places[(qid, d)]}: {query_field} {qid!r} is not a query with a relevant document")
-                continue
-            kept = []
-            for d in self.by_query[qid]:
-                if d in corpus:
-                    kept.append(d)
-                else:
-                    issues.skip("unknown_document", f"{self._places[(qid, d)]}: {doc_field} {d!r} {_missing(d, corpus.skipped, corpus.path)}")
-            self.by_query[qid] = kept
-        self._places.clear()
 
 
-def _missing(key: str, skipped: dict[str, str], source: str) -> str:
-    """The end of a message saying why ``key`` cannot be found."""
+def missing_reason(key: str, skipped: dict[str, str], source: str) -> str:
+    """The end of a message saying why ``key`` cannot be found: skipped at a place, or absent."""
     return f"was skipped at {skipped[key]}" if key in skipped else f"is not in {source}"
 
 
@@ -187,10 +169,10 @@ class QrelsBuilder:
         qrels: dict[str, dict[str, int]] = {}
         for (qid, doc_id), (grade, place) in self._rows.items():
             if qid not in queries:
-                why = _missing(qid, skipped_queries or {}, queries_file)
+                why = missing_reason(qid, skipped_queries or {}, queries_file)
                 self.issues.skip("unknown_query", f"{place}: {self.query_field} {qid!r} {why}")
             elif doc_id not in corpus:
-                why = _missing(doc_id, skipped_docs or {}, corpus_file)
+                why = missing_reason(doc_id, skipped_docs or {}, corpus_file)
                 self.issues.skip("unknown_document", f"{place}: {self.doc_field} {doc_id!r} (query {qid!r}) {why}")
             else:
                 qrels.setdefault(qid, {})[doc_id] = grade

@@ -146,7 +146,7 @@ def convert_generic(
             qrels.setdefault(qid, {})[doc_id] = 1
         for doc_id, title, text in negatives:
             if corpus.add(doc_id, title, text, place):
-                given.add(qid, doc_id, place)
+                given.add(qid, doc_id)
     num_docs = corpus.close()
     return Collection(
         name=dataset_name(path),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from .collection import Collection, CorpusWriter, GivenNegatives, QrelsBuilder, relevant_only
+from .collection import Collection, CorpusWriter, GivenNegatives, QrelsBuilder, missing_reason, relevant_only
 from .issues import IssueLog
 from .readers import iter_tsv, require_file
 
@@ -90,8 +90,14 @@ def convert_msmarco(
     given = GivenNegatives(cap=negatives_cap)
     if paths.triples and negatives_cap > 0:
         for place, row in iter_tsv(paths.triples, TRIPLE_COLUMNS, issues, progress=progress, desc="triples"):
-            given.add(row["qid"], row["neg_pid"], place)
-        given.validate(queries, corpus, issues, query_field="qid", doc_field="neg_pid")
+            qid, neg = row["qid"], row["neg_pid"]
+            if qid not in queries:
+                why = missing_reason(qid, skipped_queries, f"the judged queries of {paths.queries}")
+                issues.skip("unknown_query", f"{place}: qid {qid!r} {why}")
+            elif neg not in corpus:
+                issues.skip("unknown_document", f"{place}: neg_pid {neg!r} {missing_reason(neg, corpus.skipped, paths.collection)}")
+            else:
+                given.add(qid, neg)
 
     return Collection(
         name=os.path.basename(os.path.normpath(folder)),
