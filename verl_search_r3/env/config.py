@@ -1,0 +1,151 @@
+"""Configuration of the RL environment: one flat dataclass whose fields are hydra keys.
+
+Every knob of the corpus index, the refresh planner and the Ray actors is a field here with a
+default and a one-line description, so a recipe sets them as ``search_r3.env.<field>=...`` and
+the trainer builds the config with :meth:`EnvConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["EnvConfig", "INDEX_TYPES", "DTYPES"]
+
+INDEX_TYPES = ("flat", "ivf", "hnsw")
+DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """Knobs of the Search-R3 RL environment (index, graph, refresh, snapshots, Ray).
+
+    Index
+        dim: vector dimension; 0 = taken from the first upsert (or the snapshot on load).
+        dtype: storage type of the vectors, ``"float32"`` or ``"float16"`` (halves memory).
+        normalize: L2-normalise stored vectors and queries so inner product = cosine.
+        index_type: ``"flat"`` (exact inner product, default), ``"ivf"`` or ``"hnsw"`` (approximate).
+        ivf_nlist: IVF inverted lists (clusters); needs at least this many vectors to train.
+        ivf_nprobe: IVF lists visited per query (recall/speed trade-off).
+        hnsw_m: HNSW links per node.
+        hnsw_ef_construction: HNSW candidate list size while inserting.
+        hnsw_ef_search: HNSW candidate list size while searching (recall/speed trade-off).
+        ann_rebuild_fraction: rebuild an IVF/HNSW structure from the stored vectors once the
+            vectors replaced or removed since its last build exceed this fraction (IVF retrains
+            its quantiser on the drifted vectors; HNSW drops its tombstones).
+        search_chunk_rows: rows converted to float32 at a time by the exact float16 search.
+
+    Neighbour graph
+        graph_k: neighbours kept per document (0 disables the graph and the expansion).
+        graph_refresh_age: a document's neighbour row is recomputed (when asked for, or when
+            the document is upserted) once it is this many policy versions old (0 = always).
+
+    Refresh planner
+        candidates_k: top-K candidates per query taken from the current (possibly stale) index.
+        expand_top: per query, the graph neighbours of this many best (fresh) candidates and
+            of all relevant docs join the pool (0 disables the expansion).
+        staleness_tolerance: a vector at most this many versions old counts as fresh.
+        budget: most documents encoded per refresh call besides the relevant ones (None = no cap).
+        full_refresh_every: re-encode the whole corpus when ``version % N == 0`` (0 = never).
+        encode_batch_size: texts per call of the ``encode`` callback.
+        progress: show a tqdm progress bar on full encodes.
+
+    Snapshots
+        verify_checksums: check SHA-256 of every snapshot file on load.
+
+    Ray actors
+        name: base name of the shard actors (``<name>-<i>-of-<n>``).
+        namespace: Ray namespace of the actors.
+        num_shards: actors the corpus is split across (by a stable hash of the doc id).
+        num_cpus: Ray CPUs reserved per shard (verl's placement groups hold the GPUs).
+        search_threads: FAISS OpenMP threads per shard; 0 = ``ceil(num_cpus)``.
+        max_concurrency: concurrent calls one shard serves (readers run in parallel).
+        max_restarts: restarts of a crashed shard; a restarted shard reloads its last snapshot.
+        max_task_retries: retries of a call interrupted by a shard crash (all calls are idempotent).
+        detached: keep the actors alive after the creating process exits (kill with ``shutdown``).
+        state_dir: directory where shards record their last snapshot path, read on restart
+            (None = a restarted shard starts empty).
+    """
+
+    dim: int = 0
+    dtype: str = "float32"
+    normalize: bool = True
+    index_type: str = "flat"
+    ivf_nlist: int = 1024
+    ivf_nprobe: int = 32
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 64
+    hnsw_ef_search: int = 128
+    ann_rebuild_fraction: float = 0.25
+    search_chunk_rows: int = 131072
+
+    graph_k: int = 8
+    graph_refresh_age: int = 10
+
+    candidates_k: int = 50
+    expand_top: int = 10
+    staleness_tolerance: int = 0
+    budget: int | None = None
+    full_refresh_every: int = 0
+    encode_batch_size: int = 256
+    progress: bool = True
+
+    verify_checksums: bool = True
+
+    name: str = "search_r3_corpus_index"
+    namespace: str = "verl_search_r3"
+    num_shards: int = 1
+    num_cpus: float = 1.0
+    search_threads: int = 0
+    max_concurrency: int = 16
+    max_restarts: int = 3
+    max_task_retries: int = 2
+    detached: bool = True
+    state_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"env dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"env index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        positive = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+                    "search_chunk_rows", "candidates_k", "encode_batch_size", "num_shards", "max_concurrency")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"env {name} must be >= 1, got {getattr(self, name)}")
+        non_negative = ("dim", "graph_k", "graph_refresh_age", "expand_top", "staleness_tolerance",
+                        "full_refresh_every", "search_threads", "max_restarts", "max_task_retries")
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise ValueError(f"env {name} must be >= 0, got {getattr(self, name)}")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"env budget must be None or >= 0, got {self.budget}")
+        if self.ann_rebuild_fraction <= 0.0:
+            raise ValueError(f"env ann_rebuild_fraction must be > 0, got {self.ann_rebuild_fraction}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"env num_cpus must be > 0, got {self.num_cpus}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any] | None = None, **overrides: Any) -> EnvConfig:
+        """Build from a (hydra/OmegaConf or plain) mapping; unknown keys are an error naming them."""
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+        if values is not None and not isinstance(values, Mapping):
+            raise TypeError(f"env config must be a mapping, got {type(values).__name__}")
+        merged = {**dict(values or {}), **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown env config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**merged)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-serialisable) of every field."""
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> EnvConfig:
+        """A copy with some fields changed (validated again)."""
+        return EnvConfig.from_dict(self.to_dict(), **changes)
