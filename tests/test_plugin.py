@@ -15,9 +15,11 @@ assert 'verl_search_r3.plugin' in sys.modules, 'plugin not imported by import ve
 from verl_search_r3.plugin import REGISTERED
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
+from verl.trainer.ppo.v1 import get_trainer_cls
 lookups = {
     'reward_manager': get_reward_manager_cls,
     'agent_loop': lambda name: _agent_loop_registry[name]['_target_'],
+    'trainer': get_trainer_cls,
 }
 for registry, name in REGISTERED:
     obj = lookups[registry](name)
@@ -36,4 +38,6 @@ def test_import_verl_registers_everything():
     res = subprocess.run([sys.executable, "-c", CHECK], capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "reward_manager search_r3 -> SearchR3RewardManager" in res.stdout
+    assert "trainer search_r3 -> SearchR3Trainer" in res.stdout
+    assert "agent_loop search_r3_agent -> verl_search_r3.agent_loop.SearchR3AgentLoop" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("OK")

@@ -205,3 +205,18 @@ def test_in_batch_negatives_mask_shared_positives(engine_and_model):
     nce = InfoNCELoss(0.05)(mo[EMBEDDING_KEY], docs[:, 0], docs[:, 1:], positive_ids=doc_ids[:, 0], negative_ids=doc_ids[:, 1:])
     base, _ = ppo_loss(_actor_config(), mo, data)
     torch.testing.assert_close(with_ib, base + nce * 2 * (1 / 2))
+
+
+def test_document_batch_pads_to_a_multiple_and_feeds_the_engine(engine_and_model):
+    from verl_search_r3.workers import document_batch
+
+    eng, model, E = engine_and_model
+    batch = document_batch([[1, 2, E], [3, E]], pad_to_multiple=4)
+    assert len(batch) == 4 and batch["input_ids"].offsets().tolist() == [0, 3, 5, 7, 9]
+    assert batch["position_ids"].unbind()[0].tolist() == [0, 1, 2]
+    tu.assign_non_tensor(batch, use_remove_padding=False)
+    emb = _forward(eng, model, batch)[EMBEDDING_KEY]
+    torch.testing.assert_close(emb[1], emb[3])  # the padding row repeats the last document
+    assert torch.all(emb.norm(dim=-1) > 0.99)
+    with pytest.raises(ValueError):
+        document_batch([])

@@ -10,9 +10,10 @@ registration after ``import verl``.
 
 from __future__ import annotations
 
-from . import agent_loop, reward  # noqa: F401  (registration side effects)
+from . import agent_loop, reward, trainer  # noqa: F401  (registration side effects)
 
 REGISTERED: list[tuple[str, str]] = [
     ("reward_manager", "search_r3"),
     ("agent_loop", "search_r3_agent"),
+    ("trainer", "search_r3"),
 ]

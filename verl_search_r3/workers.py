@@ -47,6 +47,7 @@ __all__ = [
     "response_embeddings",
     "add_embedding_outputs",
     "search_r3_ppo_loss",
+    "document_batch",
     "SearchR3ActorRolloutRefWorker",
 ]
 
@@ -187,6 +188,33 @@ def search_r3_ppo_loss(
         metrics["actor/embed_found_frac"] = found.float().mean().item()
         metrics["actor/embed_norm_pre"] = query.norm(dim=-1)[found].mean().item() if found.any() else 0.0
     return loss, metrics
+
+
+def document_batch(token_ids: list[list[int]], pad_to_multiple: int = 1) -> TensorDict:
+    """A forward-only batch of document prompts for :meth:`SearchR3ActorRolloutRefWorker.encode_documents`.
+
+    Nested ``input_ids`` / ``position_ids`` / ``loss_mask`` ``(B', j)`` in verl's no-padding
+    layout; the list is padded (by repeating its last prompt) to a multiple of
+    ``pad_to_multiple`` (data-parallel size × fixed micro-batch size) so verl's dispatch and
+    micro-batching split it evenly. Callers keep the first ``len(token_ids)`` outputs.
+    """
+    if not token_ids:
+        raise ValueError("document_batch needs at least one document")
+    rows = list(token_ids) + [token_ids[-1]] * (-len(token_ids) % pad_to_multiple)
+
+    def nested(make) -> Tensor:
+        return torch.nested.as_nested_tensor([make(r) for r in rows], layout=torch.jagged)
+
+    batch = TensorDict(
+        {
+            "input_ids": nested(lambda r: torch.tensor(r, dtype=torch.long)),
+            "position_ids": nested(lambda r: torch.arange(len(r))),
+            "loss_mask": nested(lambda r: torch.ones(len(r), dtype=torch.long)),
+        },
+        batch_size=[len(rows)],
+    )
+    tu.assign_non_tensor(batch, temperature=1.0)
+    return batch
 
 
 class SearchR3ActorRolloutRefWorker(ActorRolloutRefWorker):
