@@ -331,7 +331,7 @@ class SearchR3Encoder:
 
     def _embed_direct(self, texts: Sequence[str], kind: EmbedKind, batch_size: int, max_length: int | None) -> np.ndarray:
         ids = [embed_prompt_ids(self.tokenizer, t, kind, max_length, self.templates) for t in texts]
-        return self.embed_ids(ids, batch_size=batch_size, desc=f"embed {kind}s")
+        return self.embed_ids(ids, batch_size=batch_size, desc="embed documents" if kind == "document" else "embed queries")
 
     # ------------------------------------------------------------------ public API
 
