@@ -71,7 +71,8 @@ class InfoNCELoss(nn.Module):
 
     Candidates that are actually relevant to query ``i`` are removed from its denominator: another
     row's positive or a hard negative with the same document id as ``p_i`` (pass ``positive_ids``
-    / ``negative_ids``). With ``symmetric=True`` the document-to-query direction (each positive
+    / ``negative_ids``), and any candidate flagged in ``exclude`` (e.g. documents known to be
+    relevant to query ``i``). With ``symmetric=True`` the document-to-query direction (each positive
     against all queries) is added and the two are averaged.
 
     Args:
@@ -96,6 +97,7 @@ class InfoNCELoss(nn.Module):
         negatives_mask: Tensor | None = None,
         positive_ids: IdsLike | None = None,
         negative_ids: IdsLike | None = None,
+        exclude: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Masked logits ``(B, B + B*N)`` (``-inf`` = excluded) and labels ``(B,)``.
 
@@ -108,12 +110,14 @@ class InfoNCELoss(nn.Module):
             negatives_mask: ``(B, N)`` bool, False for padding negatives.
             positive_ids: ``(B,)`` document ids of the positives (ints or strings).
             negative_ids: ``(B, N)`` document ids of the hard negatives.
+            exclude: ``(B, B + B*N)`` bool, True = remove that candidate from row ``i``'s
+                denominator; the row's own positive (column ``i``) is never removed.
         """
         bsz, device = query.shape[0], query.device
         docs = positive if negatives is None else torch.cat([positive, negatives.reshape(-1, negatives.shape[-1])])
         logits = cosine_similarity_matrix(query, docs) / self.temperature
         n_neg = 0 if negatives is None else negatives.shape[1]
-        exclude = torch.zeros_like(logits, dtype=torch.bool)
+        extra, exclude = exclude, torch.zeros_like(logits, dtype=torch.bool)
         own = torch.eye(bsz, dtype=torch.bool, device=device)
 
         if not self.in_batch_negatives:
@@ -128,6 +132,8 @@ class InfoNCELoss(nn.Module):
             exclude[:, :bsz] |= (pos_ids[:, None] == pos_ids[None, :]) & ~own
             if neg_ids is not None and n_neg:
                 exclude[:, bsz:] |= pos_ids[:, None] == neg_ids.reshape(1, -1)
+        if extra is not None:
+            exclude |= extra.to(device).bool() & ~F.pad(own, (0, logits.shape[1] - bsz))
         logits = logits.masked_fill(exclude, float("-inf"))
         return logits, torch.arange(bsz, device=device)
 
@@ -140,20 +146,23 @@ class InfoNCELoss(nn.Module):
         positive_ids: IdsLike | None = None,
         negative_ids: IdsLike | None = None,
         query_mask: Tensor | None = None,
+        exclude: Tensor | None = None,
     ) -> Tensor:
         """Mean loss over the rows where ``query_mask`` (``(B,)`` bool) is True; 0 if none."""
-        logits, labels = self.scores(query, positive, negatives, negatives_mask, positive_ids, negative_ids)
+        logits, labels = self.scores(query, positive, negatives, negatives_mask, positive_ids, negative_ids, exclude)
         rows = torch.ones_like(labels, dtype=torch.bool) if query_mask is None else query_mask.bool()
         loss = _masked_mean(F.cross_entropy(logits, labels, reduction="none"), rows)
         if not self.symmetric:
             return loss
         back = cosine_similarity_matrix(positive, query) / self.temperature
         pos_ids, _ = _as_id_tensors(positive_ids, None, query.device)
-        exclude = ~rows[None, :].expand_as(back).clone()  # queries without an embedding
+        not_own = ~torch.eye(len(labels), dtype=torch.bool, device=query.device)
+        back_exclude = ~rows[None, :].expand_as(back).clone()  # queries without an embedding
         if pos_ids is not None:
-            same = pos_ids[:, None] == pos_ids[None, :]
-            exclude |= same & ~torch.eye(len(labels), dtype=torch.bool, device=query.device)
-        back = back.masked_fill(exclude, float("-inf"))
+            back_exclude |= (pos_ids[:, None] == pos_ids[None, :]) & not_own
+        if exclude is not None:  # p_j relevant to q_i: q_i is not a negative of p_j
+            back_exclude |= exclude[:, : len(labels)].T.to(query.device).bool() & not_own
+        back = back.masked_fill(back_exclude, float("-inf"))
         back_loss = _masked_mean(F.cross_entropy(back, labels, reduction="none"), rows)
         return (loss + back_loss) / 2
 
@@ -276,6 +285,7 @@ class Stage1Loss(nn.Module):
         symmetric: symmetric InfoNCE.
         kl_direction: see :func:`token_kl`.
         triplet_reduction: see :class:`TripletMarginLoss`.
+        in_batch_negatives: see :class:`InfoNCELoss`.
     """
 
     def __init__(
@@ -289,10 +299,11 @@ class Stage1Loss(nn.Module):
         symmetric: bool = False,
         kl_direction: Literal["ref_policy", "policy_ref"] = "ref_policy",
         triplet_reduction: Literal["mean", "max"] = "mean",
+        in_batch_negatives: bool = True,
     ):
         super().__init__()
         self.weights = {"sft": sft_weight, "kl": kl_weight, "infonce": infonce_weight, "triplet": triplet_weight}
-        self.infonce = InfoNCELoss(temperature=temperature, symmetric=symmetric)
+        self.infonce = InfoNCELoss(temperature=temperature, symmetric=symmetric, in_batch_negatives=in_batch_negatives)
         self.triplet = TripletMarginLoss(margin=margin, reduction=triplet_reduction)
         self.kl_direction = kl_direction
 
@@ -310,9 +321,10 @@ class Stage1Loss(nn.Module):
         input_ids: Tensor | None = None,
         loss_mask: Tensor | None = None,
         ref_logits: Tensor | None = None,
+        exclude: Tensor | None = None,
     ) -> Stage1Output:
-        """Embeddings as in :class:`InfoNCELoss`; ``logits``/``input_ids``/``loss_mask`` ``(B', L[, V])``
-        for the token terms (``B'`` = all sequences of the batch: queries and documents)."""
+        """Embeddings and ``exclude`` as in :class:`InfoNCELoss`; ``logits``/``input_ids``/``loss_mask``
+        ``(B', L[, V])`` for the token terms (``B'`` = all sequences of the batch: queries and documents)."""
         w = self.weights
         zero = query.new_zeros((), dtype=torch.float32)
         parts: dict[str, Tensor] = {}
@@ -326,14 +338,18 @@ class Stage1Loss(nn.Module):
             parts["kl"] = token_kl(logits, ref_logits, loss_mask, direction=self.kl_direction)
             total = total + w["kl"] * parts["kl"]
         if w["infonce"]:
-            parts["infonce"] = self.infonce(query, positive, negatives, negatives_mask, positive_ids, negative_ids, query_mask)
+            parts["infonce"] = self.infonce(
+                query, positive, negatives, negatives_mask, positive_ids, negative_ids, query_mask, exclude
+            )
             total = total + w["infonce"] * parts["infonce"]
         if w["triplet"]:
             _require(negatives=negatives, term="triplet")
             parts["triplet"] = self.triplet(query, positive, negatives, negatives_mask, query_mask)
             total = total + w["triplet"] * parts["triplet"]
         with torch.no_grad():
-            scores, labels = self.infonce.scores(query, positive, negatives, negatives_mask, positive_ids, negative_ids)
+            scores, labels = self.infonce.scores(
+                query, positive, negatives, negatives_mask, positive_ids, negative_ids, exclude
+            )
             parts["accuracy"] = in_batch_accuracy(scores, labels, query_mask)
         return Stage1Output(loss=total, parts={k: v.detach() for k, v in parts.items()})
 
