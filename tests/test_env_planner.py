@@ -54,14 +54,14 @@ def test_relevant_and_top_candidates_are_refreshed_fresh_ones_skipped():
     assert sorted(enc.encoded) == ["a", "d"]
     assert sorted(result.doc_ids) == ["a", "b", "d"]
     s = result.stats
-    assert (s.n_requested, s.n_encoded, s.n_skipped_fresh, s.n_dropped_budget, s.budget_hit) == (3, 2, 1, 0, False)
+    assert (s.n_requested, s.n_encoded, s.n_skipped_fresh, s.n_over_budget, s.budget_hit) == (3, 2, 1, 0, False)
     assert s.requested_max_age == 2 and s.requested_mean_age == pytest.approx(4 / 3)
     # the pool vectors are what the index now stores, and the scores are cosines with them
     want = {"a": FRESH["a"], "b": STALE["b"], "d": FRESH["d"]}
     for j, doc in enumerate(result.doc_ids):
         np.testing.assert_allclose(result.doc_vecs[j], want[doc], atol=1e-6)
         assert result.scores[0, j] == pytest.approx(float(Q[0] @ want[doc]), abs=1e-6)
-    assert result.doc_versions.tolist() == [2, 2, 2]
+    assert result.doc_versions.tolist() == [2, 2, 2] and result.fresh.all()
     _, versions, _ = index.get(["a", "c", "d"])
     assert versions.tolist() == [2, 0, 2]
     assert s.index.age_counts == {0: 3, 2: 2}
@@ -83,13 +83,18 @@ def test_budget_spends_on_best_ranks_and_never_starves_relevant_docs():
     index = _index(STALE)
     enc = Encoder(FRESH)
     result = RefreshPlanner(EnvConfig(candidates_k=4, expand_top=0, budget=1)).refresh(index, Q, [["h", "d"]], 1, enc)
-    # relevant h, d are exempt; of the candidates a, b, c (d is relevant) only the best (a) fits
+    # relevant h, d are exempt; of the candidates a, b, c (d is relevant) only the best (a) fits;
+    # b and c stay in the pool with their stale vectors, flagged not fresh
     assert enc.encoded == ["h", "d", "a"]
-    assert sorted(result.doc_ids) == ["a", "d", "h"]
-    assert result.stats.n_dropped_budget == 2 and result.stats.budget_hit
+    pool = dict(zip(result.doc_ids, zip(result.fresh.tolist(), result.doc_vecs)))
+    assert sorted(pool) == ["a", "b", "c", "d", "h"]
+    assert {d for d, (fresh, _) in pool.items() if not fresh} == {"b", "c"}
+    np.testing.assert_allclose(pool["b"][1], STALE["b"], atol=1e-6)
+    assert result.stats.n_over_budget == 2 and result.stats.budget_hit
+    assert index.get(["b", "c"])[1].tolist() == [0, 0]  # not written
     enc0 = Encoder(FRESH)
     result0 = RefreshPlanner(EnvConfig(candidates_k=4, expand_top=0, budget=0)).refresh(_index(STALE), Q, [["c"]], 1, enc0)
-    assert enc0.encoded == ["c"] and result0.doc_ids == ["c"]
+    assert enc0.encoded == ["c"] and result0.fresh.tolist() == [d == "c" for d in result0.doc_ids]
 
 
 def test_graph_neighbours_catch_a_document_the_stale_index_ranks_too_low():

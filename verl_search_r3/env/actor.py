@@ -97,9 +97,10 @@ class CorpusIndexShard:
             return json.load(f)["snapshot"]
 
     def info(self) -> dict[str, Any]:
-        """Shard number, sizes, dimension and the snapshot it was restored from after a restart."""
+        """Shard number, sizes (vectors, texts), dimension and the snapshot it was restored from after a restart."""
         return {"shard": self.shard, "num_shards": self.num_shards, "n_vectors": len(self.index),
-                "dim": self.index.dim, "restored_from": self.restored_from, "pid": os.getpid()}
+                "n_texts": len(self.index.doc_ids()), "dim": self.index.dim, "restored_from": self.restored_from,
+                "pid": os.getpid()}
 
     def search(self, query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         return self.index.search(query_vecs, k)

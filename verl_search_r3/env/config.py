@@ -86,7 +86,7 @@ class EnvConfig:
     graph_refresh_age: int = 10
 
     candidates_k: int = 50
-    expand_top: int = 10
+    expand_top: int = 5
     staleness_tolerance: int = 0
     budget: int | None = None
     full_refresh_every: int = 0

@@ -6,10 +6,11 @@ and each query's relevant doc ids. :meth:`RefreshPlanner.refresh` then
 1. searches the index (whose vectors may be stale) for each query's top ``candidates_k``;
 2. makes sure the relevant docs and those candidates have a *fresh* vector — version
    ``>= v - staleness_tolerance`` — re-encoding the others with the ``encode`` callback
-   (relevant docs always; candidates best-rank first, at most ``budget`` of them);
-3. ranks the pool so far by fresh cosine and takes, per query, the ``expand_top`` best docs plus
-   the relevant ones; their neighbours in the index's document graph join the pool (encoded
-   under what is left of the budget) — they catch documents the stale index ranked too low;
+   (relevant docs always; candidates best-rank first, at most ``budget`` of them; candidates
+   past the budget stay in the pool with their stored, stale vector and ``fresh=False``);
+3. ranks the fresh pool by cosine and takes, per query, the ``expand_top`` best docs plus the
+   relevant ones; their neighbours in the index's document graph join the pool (encoded under
+   what is left of the budget) — they catch documents the stale index ranked too low;
 4. writes every new vector back in **one** ``upsert`` (readers see the refresh whole or not at
    all; the upsert also updates the neighbour graph), and
 5. returns the pool with its stored vectors and the cosine of every query with every pool doc.
@@ -115,14 +116,15 @@ class RefreshStats:
         n_encoded: docs re-encoded (the encoder's work this step).
         n_inserted: relevant docs that had no vector before (now encoded and inserted).
         n_skipped_fresh: requested docs whose stored vector was already fresh enough.
-        n_dropped_budget: requested docs left out of the pool because the budget ran out.
-        budget_hit: ``n_dropped_budget > 0``.
+        n_over_budget: requested docs the budget left stale (in the pool with ``fresh=False``).
+        budget_hit: ``n_over_budget > 0``.
         full_refresh: a periodic full re-encode ran at the start of this call.
         requested_mean_age / requested_max_age: age (versions) of the requested docs' stored
             vectors before the refresh (docs without a vector not counted).
         index: staleness of the whole index after the refresh.
-        seconds: wall time of ``read`` (index search, get and neighbour calls), ``encode``,
-            ``write`` (the upsert) and ``total``.
+        seconds: wall time of ``search`` (index search and get calls), ``graph`` (neighbour
+            lookups, including rows computed on demand), ``encode``, ``write`` (the upsert,
+            with graph maintenance) and ``total``.
     """
 
     version: int
@@ -132,7 +134,7 @@ class RefreshStats:
     n_encoded: int = 0
     n_inserted: int = 0
     n_skipped_fresh: int = 0
-    n_dropped_budget: int = 0
+    n_over_budget: int = 0
     budget_hit: bool = False
     full_refresh: bool = False
     requested_mean_age: float = 0.0
@@ -148,7 +150,7 @@ class RefreshStats:
     def to_metrics(self, prefix: str = "env/") -> dict[str, float]:
         """Flat float metrics for verl's tracking."""
         out = {f"{prefix}{name}": float(getattr(self, name)) for name in (
-            "n_requested", "n_neighbours", "n_encoded", "n_inserted", "n_skipped_fresh", "n_dropped_budget",
+            "n_requested", "n_neighbours", "n_encoded", "n_inserted", "n_skipped_fresh", "n_over_budget",
             "budget_hit", "full_refresh", "requested_mean_age", "requested_max_age")}
         out.update({f"{prefix}seconds_{k}": v for k, v in self.seconds.items()})
         if self.index is not None:
@@ -160,9 +162,12 @@ class RefreshStats:
 class RefreshResult:
     """The step's candidate pool with fresh vectors: what the reward manager ranks.
 
-    The pool holds every document this step has a fresh vector for (version >=
-    ``stats.version - staleness_tolerance``): each query's top-K under the index, the relevant
-    docs of all queries and the graph neighbours of the best candidates. Every query is scored
+    The pool holds the documents this step's rewards depend on: each query's top-K under the
+    index, the relevant docs of all queries and the graph neighbours of the best candidates.
+    Their vectors are fresh (version >= ``stats.version - staleness_tolerance``) unless a
+    ``budget`` ran out: candidates it could not pay for keep their stored, stale vector
+    (``fresh[u] == False``) rather than vanish, since dropping strong competitors would inflate
+    the reward. With no budget (the default) every pool vector is fresh. Every query is scored
     against the whole pool — a document retrieved for one rollout is a real corpus document for
     all of them, and a larger pool only brings the ranking closer to a full-corpus ranking.
 
@@ -170,6 +175,7 @@ class RefreshResult:
         doc_ids: ``(U,)`` pool doc ids.
         doc_vecs: ``(U, dim)`` float32 vectors as stored (L2-normalised when ``normalize``).
         doc_versions: ``(U,)`` int64 policy version of each vector.
+        fresh: ``(U,)`` bool, the vector is within the staleness tolerance.
         scores: ``(Q, U)`` float32 cosine similarity of query ``i`` with pool doc ``u``.
         stats: what the refresh did.
     """
@@ -177,6 +183,7 @@ class RefreshResult:
     doc_ids: list[str]
     doc_vecs: np.ndarray
     doc_versions: np.ndarray
+    fresh: np.ndarray
     scores: np.ndarray
     stats: RefreshStats
 
@@ -255,7 +262,7 @@ class RefreshPlanner:
             raise ValueError(f"{len(q)} query vectors but {len(relevant_ids)} relevant-id lists")
         q = l2_normalize(q)
         stats = RefreshStats(version=version, n_queries=len(q))
-        seconds = dict.fromkeys(("read", "encode", "write"), 0.0)
+        seconds = dict.fromkeys(("search", "graph", "encode", "write"), 0.0)
         if self.full_refresh_due(index, version):
             full_encode(index, encode, version, cfg.encode_batch_size, cfg.progress)
             stats.full_refresh = True
@@ -263,19 +270,21 @@ class RefreshPlanner:
         min_version = version - cfg.staleness_tolerance
         budget = np.inf if cfg.budget is None else cfg.budget
         relevant = _unique(str(d) for ids in relevant_ids for d in ids)
-        pool: dict[str, np.ndarray] = {}  # doc id -> fresh float32 vector (normalised)
+        pool: dict[str, np.ndarray] = {}  # doc id -> float32 vector (normalised)
+        stale: set[str] = set()  # pool docs the budget left stale
         encoded_ids: list[str] = []
         encoded_vecs: list[np.ndarray] = []
         ages: list[np.ndarray] = []
 
         def make_fresh(ids: list[str], must: int) -> None:
-            """Put ``ids`` into the pool; the first ``must`` ignore the budget, the rest spend it."""
+            """Put ``ids`` into the pool, fresh; the first ``must`` ignore the budget, the rest
+            spend it (over budget: with the stored vector, stale)."""
             nonlocal budget
             if not ids:
                 return
             t = time.perf_counter()
             vecs, versions, found = index.get(ids)
-            seconds["read"] += time.perf_counter() - t
+            seconds["search"] += time.perf_counter() - t
             ages.append(version - versions[found])
             fresh = found & (versions >= min_version)
             stats.n_requested += len(ids)
@@ -291,7 +300,9 @@ class RefreshPlanner:
                     todo.append(j)
                     budget -= 1
                 else:
-                    stats.n_dropped_budget += 1
+                    stats.n_over_budget += 1
+                    pool[doc] = vecs[j]  # only relevant docs can lack a vector, and they are `must`
+                    stale.add(doc)
             if todo:
                 t = time.perf_counter()
                 todo_ids = [ids[j] for j in todo]
@@ -304,19 +315,19 @@ class RefreshPlanner:
         # 1-2. relevant docs and the index's top-K candidates
         t = time.perf_counter()
         candidates, _ = index.search(q, cfg.candidates_k)
-        seconds["read"] += time.perf_counter() - t
+        seconds["search"] += time.perf_counter() - t
         first = relevant + _unique(_rank_major(candidates), exclude=relevant)
         make_fresh(first, must=len(relevant))
 
         # 3. graph neighbours of each query's best fresh candidates and of the relevant docs
-        if cfg.expand_top and cfg.graph_k and pool:
-            pool_ids = list(pool)
+        if cfg.expand_top and cfg.graph_k and len(pool) > len(stale):
+            pool_ids = [d for d in pool if d not in stale]
             sims = q @ l2_normalize(np.stack([pool[d] for d in pool_ids])).T
             best = np.argsort(-sims, axis=1, kind="stable")[:, : cfg.expand_top]
             seeds = _unique(list(_rank_major([[pool_ids[u] for u in row] for row in best])) + relevant)
             t = time.perf_counter()
             neighbours = index.neighbours(seeds, np.stack([pool[d] for d in seeds]), version)
-            seconds["read"] += time.perf_counter() - t
+            seconds["graph"] += time.perf_counter() - t
             second = _unique(_rank_major(neighbours), exclude=first)
             stats.n_neighbours = len(second)
             make_fresh(second, must=0)
@@ -332,16 +343,17 @@ class RefreshPlanner:
         doc_ids = list(pool)
         t = time.perf_counter()
         doc_vecs, doc_versions, found = index.get(doc_ids)
-        seconds["read"] += time.perf_counter() - t
+        seconds["search"] += time.perf_counter() - t
         if not found.all():
             missing = [d for d, f in zip(doc_ids, found) if not f]
             raise RuntimeError(f"{len(missing)} pool docs vanished from the index during the refresh, e.g. {missing[:5]}")
         all_ages = np.concatenate(ages) if ages else np.zeros(0, np.int64)
         stats.requested_mean_age = float(all_ages.mean()) if len(all_ages) else 0.0
         stats.requested_max_age = int(all_ages.max()) if len(all_ages) else 0
-        stats.budget_hit = stats.n_dropped_budget > 0
+        stats.budget_hit = stats.n_over_budget > 0
         stats.index = index.staleness(version)
         seconds["total"] = time.perf_counter() - t_start
         stats.seconds = seconds
         scores = q @ l2_normalize(doc_vecs).T if doc_ids else np.zeros((len(q), 0), np.float32)
-        return RefreshResult(doc_ids, doc_vecs, doc_versions, scores.astype(np.float32), stats)
+        fresh = doc_versions >= min_version
+        return RefreshResult(doc_ids, doc_vecs, doc_versions, fresh, scores.astype(np.float32), stats)
