@@ -164,6 +164,14 @@ def test_pool_ranking_equals_full_corpus_ranking_when_everything_is_a_candidate(
         assert result.ranking(i)[0] == [ids[j] for j in np.argsort(-(matrix @ q))]
 
 
+def test_a_step_without_queries_changes_nothing():
+    index = _index(STALE)
+    enc = Encoder(FRESH)
+    result = RefreshPlanner(EnvConfig(candidates_k=2)).refresh(index, np.zeros((0, 3), np.float32), [], 1, enc)
+    assert result.doc_ids == [] and result.scores.shape == (0, 0) and enc.calls == []
+    assert result.stats.index.n_stale == 5
+
+
 def test_bad_inputs_are_reported():
     planner = RefreshPlanner(EnvConfig(candidates_k=2, expand_top=0))
     with pytest.raises(ValueError, match="relevant-id lists"):

@@ -73,7 +73,8 @@ def test_shard_fan_out_equals_one_big_index(sharded):
     for index in (sharded, single):
         _fill(index, ids, vecs, versions)
     owners = shard_of(ids, 3)
-    assert [i["n_vectors"] for i in sharded.info()] == [int((owners == s).sum()) for s in range(3)]
+    sizes = [int((owners == s).sum()) for s in range(3)]
+    assert [(i["n_vectors"], i["n_texts"]) for i in sharded.info()] == list(zip(sizes, sizes))
     queries = rng.standard_normal((9, 16)).astype(np.float32)
     (a_ids, a_scores), (b_ids, b_scores) = sharded.search(queries, 25), single.search(queries, 25)
     assert a_ids == b_ids
@@ -117,6 +118,8 @@ def test_named_actors_are_shared_by_every_worker(sharded):
     assert ray.get(ray.remote(lambda c, q: c.search(q, 5)[0]).remote(client, queries)) == local_ids  # picklable
     with pytest.raises(ValueError, match="no corpus index shard"):
         CorpusIndexClient.connect(_config("never-created"))
+    with pytest.raises(ValueError, match="runs with {'graph_k': 3}, this client's config has {'graph_k': 5}"):
+        CorpusIndexClient(cfg.replace(graph_k=5))  # existing actors with other index settings
 
 
 def test_sharded_snapshot_round_trip_and_refusals(sharded, client_factory, tmp_path):

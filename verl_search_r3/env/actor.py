@@ -40,7 +40,12 @@ from .planner import EncodeFn, RefreshPlanner, RefreshResult, full_encode
 from .snapshot import SnapshotError, atomic_directory, atomic_write_text, read_manifest, write_snapshot_files
 from .store import StalenessStats
 
-__all__ = ["CorpusIndexShard", "CorpusIndexClient", "shard_of", "shard_name"]
+__all__ = ["CorpusIndexShard", "CorpusIndexClient", "shard_of", "shard_name", "SHARD_KEYS"]
+
+SHARD_KEYS = ("dim", "dtype", "normalize", "index_type", "ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction",
+              "hnsw_ef_search", "ann_rebuild_fraction", "search_chunk_rows", "graph_k", "graph_refresh_age",
+              "staleness_tolerance", "verify_checksums", "search_threads", "state_dir")
+"""Config keys the shard actors act on: a client must agree with existing actors on all of them."""
 
 
 def shard_of(ids: Sequence[str], num_shards: int) -> np.ndarray:
@@ -97,10 +102,11 @@ class CorpusIndexShard:
             return json.load(f)["snapshot"]
 
     def info(self) -> dict[str, Any]:
-        """Shard number, sizes (vectors, texts), dimension and the snapshot it was restored from after a restart."""
+        """Shard number, sizes (vectors, texts), dimension, the snapshot it was restored from after a
+        restart, process id and config."""
         return {"shard": self.shard, "num_shards": self.num_shards, "n_vectors": len(self.index),
-                "n_texts": len(self.index.doc_ids()), "dim": self.index.dim, "restored_from": self.restored_from,
-                "pid": os.getpid()}
+                "n_texts": self.index.num_texts, "dim": self.index.dim, "restored_from": self.restored_from,
+                "pid": os.getpid(), "config": self.config.to_dict()}
 
     def search(self, query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         return self.index.search(query_vecs, k)
@@ -151,6 +157,11 @@ class CorpusIndexClient:
     :class:`CorpusIndex` plus :meth:`refresh`, :meth:`full_encode`, :meth:`snapshot` and
     :meth:`restore`. Picklable (it holds actor handles), so it can be passed to Ray tasks.
 
+    Detached actors (the default) outlive the job that created them, state included: a later
+    client with the same ``name`` and ``namespace`` attaches to them. The client refuses actors
+    whose index settings (:data:`SHARD_KEYS`) differ from its config; call :meth:`shutdown` when
+    done, or give each run its own ``name``.
+
     Args:
         config: the environment config (or a mapping for :meth:`EnvConfig.from_dict`).
         create: create missing shard actors (``get_if_exists``); False only connects and raises
@@ -179,6 +190,15 @@ class CorpusIndexClient:
                     raise ValueError(f"no corpus index shard {name!r} in Ray namespace {cfg.namespace!r}; "
                                      "create the index first (CorpusIndexClient(config, create=True))") from None
             self.shards.append(handle)
+        for info in self.info():
+            theirs = info["config"]
+            differ = [k for k in SHARD_KEYS if theirs[k] != getattr(cfg, k)]
+            if differ:
+                raise ValueError(
+                    f"shard actor {shard_name(cfg, info['shard'])!r} runs with "
+                    f"{ {k: theirs[k] for k in differ} }, this client's config has "
+                    f"{ {k: getattr(cfg, k) for k in differ} }; use another name or shut the old actors down"
+                )
 
     @classmethod
     def connect(cls, config: EnvConfig | Mapping[str, Any]) -> CorpusIndexClient:
@@ -252,7 +272,7 @@ class CorpusIndexClient:
         return StalenessStats.merge(ray.get([s.staleness.remote(version, tolerance) for s in self.shards]))
 
     def info(self) -> list[dict[str, Any]]:
-        """Per-shard info (sizes, dimension, restart restore point)."""
+        """Per-shard :meth:`CorpusIndexShard.info` (sizes, dimension, restart restore point, config)."""
         return ray.get([s.info.remote() for s in self.shards])
 
     # ------------------------------------------------------------------ writes

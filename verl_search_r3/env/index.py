@@ -59,6 +59,11 @@ class CorpusIndex:
                 raise KeyError(f"{len(missing)} doc id(s) have no text in the index, e.g. {missing[:5]}")
             return [self._texts[i] for i in ids]
 
+    @property
+    def num_texts(self) -> int:
+        """Number of documents with a text (the corpus size)."""
+        return len(self._texts)
+
     def doc_ids(self) -> list[str]:
         """Ids of all documents with a text (the corpus), in insertion order."""
         with self._lock.read():

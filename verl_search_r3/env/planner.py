@@ -262,6 +262,10 @@ class RefreshPlanner:
             raise ValueError(f"{len(q)} query vectors but {len(relevant_ids)} relevant-id lists")
         q = l2_normalize(q)
         stats = RefreshStats(version=version, n_queries=len(q))
+        if not len(q):
+            stats.index = index.staleness(version)
+            return RefreshResult([], np.zeros((0, q.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, bool),
+                                 np.zeros((0, 0), np.float32), stats)
         seconds = dict.fromkeys(("search", "graph", "encode", "write"), 0.0)
         if self.full_refresh_due(index, version):
             full_encode(index, encode, version, cfg.encode_batch_size, cfg.progress)
