@@ -101,3 +101,28 @@ def test_rwlock_excludes_writers_and_shares_readers():
     for t in threads:
         t.join()
     assert peak[0] == 2 and log == [0]
+
+
+def test_concurrent_first_searches_build_an_approximate_index_once():
+    rng = np.random.default_rng(0)
+    index = CorpusIndex(EnvConfig(index_type="hnsw", hnsw_m=8, graph_k=0))
+    index.upsert([f"doc-{i}" for i in range(2000)], rng.standard_normal((2000, D)).astype(np.float32), 0)
+    queries = rng.standard_normal((20, D)).astype(np.float32)
+    results, built = [None] * 4, []
+    build = index._store._backend.build
+
+    def counting_build(*args):
+        built.append(1)
+        build(*args)
+
+    index._store._backend.build = counting_build
+
+    def search(i: int) -> None:
+        results[i] = index.search(queries, 5)[0]
+
+    threads = [threading.Thread(target=search, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and all(r == results[0] for r in results)

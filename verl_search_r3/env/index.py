@@ -90,9 +90,13 @@ class CorpusIndex:
             ``ids``: Q lists of ``min(k, len(self))`` doc ids, best first; ``scores``: ``(Q, k)``
             float32, ``-inf`` past the end of each list.
         """
-        with self._lock.read():
-            scores, rows = self._store.search(query_vecs, k)
-            return [self._store.ids_of_rows(r[r >= 0]) for r in rows], scores
+        while True:
+            with self._lock.read():
+                if self._store.search_structure_ready:
+                    scores, rows = self._store.search(query_vecs, k)
+                    return [self._store.ids_of_rows(r[r >= 0]) for r in rows], scores
+            with self._lock.write():  # building an IVF/HNSW structure is a write
+                self._store.ensure_search_structure()
 
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(vecs (n, dim) float32, versions (n,) int64, found (n,) bool)``; -1/zeros where not found."""

@@ -185,10 +185,20 @@ class VectorStore:
         n = len(self._ids)
         if n == 0:
             return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
-        if not self._backend.built:
-            self._backend.build(self._keys[:n].copy(), self._vectors[:n].astype(np.float32))
+        self.ensure_search_structure()
         scores, keys = self._backend.search(q, k, self._vectors[:n], self._keys[:n])
         return scores, self.rows_of_keys(keys)
+
+    @property
+    def search_structure_ready(self) -> bool:
+        """False while an approximate backend still has to be built (the first search builds it)."""
+        return self._backend.built or not self._ids
+
+    def ensure_search_structure(self) -> None:
+        """Build the approximate backend from the stored vectors if it is not built yet (a write)."""
+        if not self.search_structure_ready:
+            n = len(self._ids)
+            self._backend.build(self._keys[:n].copy(), self._vectors[:n].astype(np.float32))
 
     def staleness(self, version: int, tolerance: int = 0) -> StalenessStats:
         """Age histogram of all stored vectors relative to ``version``."""
