@@ -3,6 +3,7 @@ Search-R3 path with the tiny model), metric definitions, vector cache, MTEB wrap
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -11,12 +12,20 @@ import sys
 import numpy as np
 import pytest
 import pytrec_eval
+import torch
 
 from verl_search_r3 import evaluate
 from verl_search_r3.data.beir import load_beir
 from verl_search_r3.encoder import SearchR3Encoder
 from verl_search_r3.evaluate import corpus_texts, main, score_run
-from verl_search_r3.retrievers import DenseIndex, DenseRetriever, SearchR3Queries, SentenceTransformerEncoder, VectorCache
+from verl_search_r3.retrievers import (
+    DenseIndex,
+    DenseRetriever,
+    SearchR3Queries,
+    SentenceTransformerEncoder,
+    VectorCache,
+    search_r3_document_key,
+)
 
 # Shared reference on Cranfield (../shared/README.md): pytrec_eval, documents as title + " " + text.
 REFERENCE = {"BM25": (0.365, 0.735), "MiniLM": (0.374, 0.776)}
@@ -170,6 +179,17 @@ def test_vector_cache_is_keyed_checked_and_pickle_free(tmp_path):
     assert cache.load(key, ["a", "b", "d"]) is None and cache.load({**key, "max_length": 9}, ["a", "b", "c"]) is None
     with np.load(path, allow_pickle=False) as f:
         assert f["vectors"].dtype == np.float32
+
+
+def test_search_r3_cache_key_sees_weights_embed_row_and_length(tiny_qwen):
+    model, tok = tiny_qwen
+    key = search_r3_document_key(SearchR3Encoder(model, tok, show_progress=False), 512)
+    assert search_r3_document_key(SearchR3Encoder(model, tok, show_progress=False), 256) != key
+    other = copy.deepcopy(model)
+    enc = SearchR3Encoder(other, tok, show_progress=False)
+    with torch.no_grad():
+        other.get_input_embeddings().weight[enc.embed_id] += 1e-3  # e.g. another init of the new token
+    assert search_r3_document_key(enc, 512) != key
 
 
 def test_dense_index_is_exact_inner_product():

@@ -259,12 +259,15 @@ def sentence_transformer_retriever(
 
 
 def search_r3_document_key(encoder: SearchR3Encoder, max_length: int | None) -> dict[str, Any]:
-    """What Search-R3 document vectors depend on besides the corpus: weights (incl. dtype),
-    tokenizer behaviour, document prompt and length budget."""
+    """What Search-R3 document vectors depend on besides the corpus: weights (incl. dtype; the
+    embed token's input row in full, since the sampled fingerprint may miss one row), tokenizer
+    behaviour, document prompt and length budget."""
     probe = "Probe title. Probe text with numbers 1.5 and symbols <>&"
+    embed_row = encoder.model.get_input_embeddings().weight[encoder.embed_id].detach().contiguous().cpu()
     return {
         "kind": "search-r3",
         "model": module_fingerprint(encoder.model),
+        "embed_row": hashlib.sha256(embed_row.view(torch.uint8).numpy().tobytes()).hexdigest(),
         "prompt": render_embed_prompt(encoder.tokenizer, "{document}", "document", encoder.templates),
         "probe_ids": embed_prompt_ids(encoder.tokenizer, probe, "document", None, encoder.templates),
         "max_length": max_length,
