@@ -31,7 +31,6 @@ MODEL=(
     model.enable_gradient_checkpointing=True
 )
 ENGINE=(
-    engine.strategy=fsdp2
     engine.param_offload=False
     engine.optimizer_offload=False
     optim.lr=1e-5

@@ -87,6 +87,7 @@ def test_trainer_refuses_settings_it_cannot_honour():
         ("checkpoint.save_contents", ["model"], "hf_model"),
         ("model.lora_rank", 8, "lora_rank=0"),
         ("model.use_fused_kernels", True, "use_fused_kernels"),
+        ("engine.ulysses_sequence_parallel_size", 2, "ulysses_sequence_parallel_size=1"),
         ("data.max_token_len_per_gpu", 1024, "longest possible group"),
     ]:
         conf = OmegaConf.create(base)

@@ -167,7 +167,8 @@ def run_reference(
     if len(loader) == 0:
         raise ValueError(f"{len(train)} training groups are fewer than batch_size={batch_size}")
 
-    group_size, pad_id, token_id = data_config.group_size, tokenizer.pad_token_id, embed_token_id(tokenizer)
+    group_size, token_id = data_config.group_size, embed_token_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # masked anyway
     objective = loss_config.reference_loss()
     reference = None
     if loss_config.kl_weight:

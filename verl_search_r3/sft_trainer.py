@@ -220,6 +220,8 @@ def _check_config(config: DictConfig, stage1: Stage1Config, data_cfg: GroupDataC
         raise ValueError(f"checkpoint.save_contents={contents} must include hf_model (the Stage-2 hand-off)")
     if int(config.model.get("lora_rank", 0) or 0) > 0:
         raise ValueError("Stage 1 trains the new embed-token row and exports a full model: set model.lora_rank=0")
+    if int(config.engine.get("ulysses_sequence_parallel_size", 1)) > 1:
+        raise ValueError("the embedding is read from the whole hidden state: set engine.ulysses_sequence_parallel_size=1")
     if config.data.get("pad_mode", "no_padding") != "no_padding":
         raise ValueError("set data.pad_mode=no_padding")
     if stage1.loss.kl_weight and config.model.get("use_fused_kernels", False):
