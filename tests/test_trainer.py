@@ -195,7 +195,8 @@ def test_candidate_and_contrastive_selection_by_hand():
     from verl_search_r3.env import RefreshResult, RefreshStats
 
     vecs = np.eye(5, dtype=np.float32)
-    result = RefreshResult(doc_ids=["a", "b", "c", "d", "e"], doc_vecs=vecs, doc_versions=np.zeros(5, np.int64),
+    fresh = np.array([True, True, True, True, False])  # "e" was over the refresh budget
+    result = RefreshResult(doc_ids=["a", "b", "c", "d", "e"], doc_vecs=vecs, doc_versions=np.zeros(5, np.int64), fresh=fresh,
                            scores=np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32), stats=RefreshStats(version=0, n_queries=1))
     rel = {"b": 2, "c": 2, "e": 1}
     cand = reward_candidates(result, 0, rel, top=2)
@@ -205,9 +206,9 @@ def test_candidate_and_contrastive_selection_by_hand():
     # nDCG@1 over the reduced set equals nDCG@1 over the full pool
     full = score_ranking(result.doc_ids, result.scores[0].tolist(), {"e": 1}, RewardConfig(k=1))
     assert score_ranking(cand1["doc_ids"], cand1["scores"], {"e": 1}, RewardConfig(k=1)).ndcg == full.ndcg
-    v, ids, mask = contrastive_documents(result, 0, rel, num_negatives=3)
-    assert ids == ["c", "a", "d", ""]  # best grade (b, c tie -> c ranks higher), then hardest negatives
-    assert mask.tolist() == [True, True, True, False]
+    v, ids, mask = contrastive_documents(result, 0, {"b": 2, "c": 2}, num_negatives=4)
+    assert ids == ["c", "a", "d", "", ""]  # best grade (b, c tie -> c ranks higher), then fresh hard negatives
+    assert mask.tolist() == [True, True, True, False, False]
     np.testing.assert_array_equal(v[0], vecs[2])
     with pytest.raises(ValueError, match="relevant"):
         contrastive_documents(result, 0, {"zz": 1}, 2)

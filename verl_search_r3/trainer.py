@@ -130,8 +130,9 @@ def contrastive_documents(
     """Fresh documents for one rollout's InfoNCE term.
 
     Row 0 is the positive: the best-graded relevant document (ties: the one this rollout ranks
-    highest). Rows 1..N are hard negatives: the non-relevant pool documents this rollout ranks
-    highest. Returns ``(vectors (1 + N, H), ids, mask (1 + N,))``; padding rows are masked.
+    highest). Rows 1..N are hard negatives: the non-relevant pool documents with fresh vectors
+    this rollout ranks highest (over-budget stale candidates rank but never train). Returns
+    ``(vectors (1 + N, H), ids, mask (1 + N,))``; padding rows are masked.
     """
     scores = result.scores[query]
     order = np.argsort(-scores, kind="stable")
@@ -139,7 +140,7 @@ def contrastive_documents(
     if not relevant:
         raise ValueError(f"rollout {query}: none of its relevant documents is in the environment")
     positive = max(relevant, key=lambda u: relevance[result.doc_ids[u]])  # max keeps the first (best ranked) of ties
-    negatives = [u for u in order if relevance.get(result.doc_ids[u], 0) <= 0][:num_negatives]
+    negatives = [u for u in order if result.fresh[u] and relevance.get(result.doc_ids[u], 0) <= 0][:num_negatives]
     rows = [positive, *negatives]
     dim = result.doc_vecs.shape[1]
     vecs = np.zeros((1 + num_negatives, dim), dtype=np.float32)
