@@ -6,12 +6,17 @@ Search-R1 retriever, so every component tokenizes and scores the same way.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Sequence
 
 import bm25s
 import numpy as np
 
 __all__ = ["BM25Retriever"]
+
+_IDS_FILE = "ids.txt"
+_TOKENIZER_FILE = "tokenizer.json"
 
 
 class BM25Retriever:
@@ -43,15 +48,45 @@ class BM25Retriever:
         if not ids:
             raise ValueError("cannot index an empty corpus")
         self.ids = list(ids)
-        self._stopwords = stopwords
+        self._set_tokenizer(stemmer, stopwords, show_progress)
+        self._bm25 = bm25s.BM25(k1=k1, b=b, method=method)
+        self._bm25.index(self._tokenize(texts), show_progress=show_progress)
+
+    def _set_tokenizer(self, stemmer: str | None, stopwords: str | None, show_progress: bool) -> None:
+        self._stemmer_language, self._stopwords, self._show_progress = stemmer, stopwords, show_progress
         self._stemmer = None
         if stemmer is not None:
             import Stemmer
 
             self._stemmer = Stemmer.Stemmer(stemmer)
-        self._show_progress = show_progress
-        self._bm25 = bm25s.BM25(k1=k1, b=b, method=method)
-        self._bm25.index(self._tokenize(texts), show_progress=show_progress)
+
+    def save(self, folder: str) -> None:
+        """Write the index to ``folder``: bm25s's own files, ``ids.txt`` (one id per line) and
+        ``tokenizer.json`` (stemmer and stop words), so :meth:`load` searches identically."""
+        bad = next((i for i in self.ids if "\n" in i or "\r" in i), None)
+        if bad is not None:
+            raise ValueError(f"document id {bad!r} contains a line break; it cannot be saved")
+        os.makedirs(folder, exist_ok=True)
+        self._bm25.save(folder, show_progress=self._show_progress)
+        with open(os.path.join(folder, _IDS_FILE), "w", encoding="utf-8") as f:
+            f.writelines(f"{i}\n" for i in self.ids)
+        with open(os.path.join(folder, _TOKENIZER_FILE), "w", encoding="utf-8") as f:
+            json.dump({"stemmer": self._stemmer_language, "stopwords": self._stopwords}, f)
+
+    @classmethod
+    def load(cls, folder: str, show_progress: bool = False) -> BM25Retriever:
+        """An index written by :meth:`save`."""
+        for name in (_IDS_FILE, _TOKENIZER_FILE):
+            if not os.path.isfile(os.path.join(folder, name)):
+                raise FileNotFoundError(f"{folder!r} is not a saved BM25 index (no {name})")
+        self = cls.__new__(cls)
+        with open(os.path.join(folder, _TOKENIZER_FILE), encoding="utf-8") as f:
+            settings = json.load(f)
+        self._set_tokenizer(settings["stemmer"], settings["stopwords"], show_progress)
+        with open(os.path.join(folder, _IDS_FILE), encoding="utf-8") as f:
+            self.ids = [line.rstrip("\n") for line in f]
+        self._bm25 = bm25s.BM25.load(folder, show_progress=show_progress)
+        return self
 
     def _tokenize(self, texts: Sequence[str]) -> bm25s.tokenization.Tokenized:
         return bm25s.tokenize(list(texts), stopwords=self._stopwords, stemmer=self._stemmer, show_progress=self._show_progress)
