@@ -16,10 +16,12 @@ from verl_search_r3.plugin import REGISTERED
 from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
 from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 from verl.trainer.ppo.v1 import get_trainer_cls
+from verl.experimental.agent_loop.tool_parser import ToolParser
 lookups = {
     'reward_manager': get_reward_manager_cls,
     'agent_loop': lambda name: _agent_loop_registry[name]['_target_'],
     'trainer': get_trainer_cls,
+    'tool_parser': lambda name: ToolParser._registry[name],
 }
 for registry, name in REGISTERED:
     obj = lookups[registry](name)
@@ -40,4 +42,7 @@ def test_import_verl_registers_everything():
     assert "reward_manager search_r3 -> SearchR3RewardManager" in res.stdout
     assert "trainer search_r3 -> SearchR3Trainer" in res.stdout
     assert "agent_loop search_r3_agent -> verl_search_r3.agent_loop.SearchR3AgentLoop" in res.stdout
+    assert "reward_manager search_r1 -> SearchR1RewardManager" in res.stdout
+    assert "agent_loop search_r1_agent -> verl_search_r3.search_r1.agent_loop.SearchR1AgentLoop" in res.stdout
+    assert "tool_parser search_r1 -> SearchR1ToolParser" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("OK")
