@@ -310,6 +310,8 @@ class Stage1EngineLoss:
             ref_mass = data[REF_LOGP_KEY].values()[rows].float().exp().sum(-1).sum()
             metrics["search_r3/ref_topk_mass"] = _sum_metric(ref_mass * token_scale)
 
+        if NUM_GROUPS_KEY not in data.keys():
+            raise ValueError("the batch has no global group counts: call assign_group_counts on it before micro-batching")
         check_groups(data[ROLE_KEY], data[GROUP_KEY], G)
         query, positive, negatives = split_groups(model_output[EMBEDDING_KEY], G)
         _, positive_keys, negative_keys = split_groups(data[DOC_KEY], G)
