@@ -28,7 +28,7 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 
 from .tokens import embed_token_id
 
-__all__ = ["RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token"]
+__all__ = ["RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token", "force_embed_token"]
 
 
 @dataclass(frozen=True)
@@ -43,21 +43,28 @@ class RolloutConfig:
             raise ValueError(f"search_r3.rollout.on_missing_token must be 'penalize' or 'force', got {self.on_missing_token!r}")
 
 
+def force_embed_token(
+    ids: list[int], mask: list[int], logprobs: list[float] | None, token_id: int, max_length: int
+) -> tuple[list[int], list[int], list[float] | None, bool]:
+    """Append ``token_id`` with mask 0 (replacing the last token at ``max_length``) unless ``ids`` has it.
+
+    Returns the new ``(ids, mask, logprobs, forced)``; the inputs are not modified.
+    """
+    if token_id in ids:
+        return ids, mask, logprobs, False
+    keep = min(len(ids), max_length - 1)
+    ids, mask = [*ids[:keep], token_id], [*mask[:keep], 0]
+    logprobs = [*logprobs[:keep], 0.0] if logprobs is not None else None
+    return ids, mask, logprobs, True
+
+
 def end_with_embed_token(output: AgentLoopOutput, token_id: int, max_response_length: int) -> bool:
-    """Force ``token_id`` at the end of ``output`` (mask 0) unless the response has it; return whether forced."""
-    if token_id in output.response_ids:
-        return False
-    ids, mask = list(output.response_ids), list(output.response_mask)
-    logprobs = list(output.response_logprobs) if output.response_logprobs is not None else None
-    if len(ids) >= max_response_length:
-        ids, mask = ids[: max_response_length - 1], mask[: max_response_length - 1]
-        logprobs = logprobs[: max_response_length - 1] if logprobs is not None else None
-    ids.append(token_id)
-    mask.append(0)
-    if logprobs is not None:
-        logprobs.append(0.0)
+    """:func:`force_embed_token` applied to an agent-loop output in place; return whether forced."""
+    ids, mask, logprobs, forced = force_embed_token(
+        list(output.response_ids), list(output.response_mask), output.response_logprobs, token_id, max_response_length
+    )
     output.response_ids, output.response_mask, output.response_logprobs = ids, mask, logprobs
-    return True
+    return forced
 
 
 @register("search_r3_agent")
