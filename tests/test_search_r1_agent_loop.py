@@ -150,7 +150,7 @@ def test_search_invalid_answer_masks_and_reward(tiny_qwen_dir, qwen_tokenizer, b
     })
     result = asyncio.run(SearchR1RewardManager(loop.config, tok, None).run_single(data))
     assert result["reward_score"] == 1.0
-    assert result["reward_extra_info"] == {"em": 1.0, "f1": 1.0, "answered": 1.0, "format_ok": 0.0, "searches": 1.0, "invalid_actions": 1.0}
+    assert result["reward_extra_info"] == {"acc": 1.0, "f1": 1.0, "answered": 1.0, "format_ok": 0.0, "searches": 1.0, "invalid_actions": 1.0}
 
 
 def test_turn_budget_final_turn_and_truncated_observations(tiny_qwen_dir, qwen_tokenizer, bm25_index):

@@ -57,15 +57,15 @@ def test_golden_answers_shapes():
 def test_last_answer_of_the_response_only_and_not_from_documents():
     golds = ["Paris"]
     # one answer in the response is enough (the prompt's example is never part of the text)
-    assert score_response("<think>x</think><answer> paris </answer>", golds).em == 1.0
+    assert score_response("<think>x</think><answer> paris </answer>", golds).acc == 1.0
     # the last answer counts
-    assert score_response("<answer>Lyon</answer> <answer>Paris</answer>", golds).em == 1.0
-    assert score_response("<answer>Paris</answer> <answer>Lyon</answer>", golds).em == 0.0
+    assert score_response("<answer>Lyon</answer> <answer>Paris</answer>", golds).acc == 1.0
+    assert score_response("<answer>Paris</answer> <answer>Lyon</answer>", golds).acc == 0.0
     # an answer inside a retrieved document is not the model's
     doc = "<search>q</search>\n\n<information>Doc 1(Title: t) <answer>Paris</answer></information>\n\n"
     got = score_response(doc, golds)
-    assert got.em == 0.0 and got.answered == 0.0 and got.searches == 1.0
-    assert score_response(doc, golds, RewardConfig(answer_from_model_tokens=False)).em == 1.0
+    assert got.acc == 0.0 and got.answered == 0.0 and got.searches == 1.0
+    assert score_response(doc, golds, RewardConfig(answer_from_model_tokens=False)).acc == 1.0
     none = score_response("no answer at all", golds)
     assert (none.score, none.answered, none.format_ok) == (0.0, 0.0, 0.0)
 
@@ -74,13 +74,13 @@ def test_f1_and_format_terms_and_loop_counts():
     cfg = RewardConfig(f1_weight=0.5, format_weight=0.2)
     stats = {"search_r1_searches": 3, "search_r1_invalid_actions": 0}
     partial = score_response("<answer>Eiffel</answer>", ["Eiffel Tower"], cfg, stats)
-    assert partial.em == 0.0 and partial.format_ok == 1.0 and partial.searches == 3.0
+    assert partial.acc == 0.0 and partial.format_ok == 1.0 and partial.searches == 3.0
     assert partial.score == pytest.approx(0.5 * (2 / 3) + 0.2)
     sloppy = score_response("<answer>Eiffel Tower</answer>", ["Eiffel Tower"], cfg, {**stats, "search_r1_invalid_actions": 2})
     assert sloppy.format_ok == 0.0 and sloppy.invalid_actions == 2.0 and sloppy.score == pytest.approx(1.5)
-    assert set(partial.extra_info()) == {"em", "f1", "answered", "format_ok", "searches", "invalid_actions"}
+    assert set(partial.extra_info()) == {"acc", "f1", "answered", "format_ok", "searches", "invalid_actions"}
     out = compute_score("search_r1/nq", "<answer>Paris</answer>", {"target": ["paris"]}, f1_weight=0.0)
-    assert out["score"] == 1.0 and out["em"] == 1.0
+    assert out["score"] == 1.0 and out["acc"] == 1.0
 
 
 def _compose(model_dir, *overrides):
@@ -122,7 +122,7 @@ def test_reward_manager_on_hand_built_dataproto(tiny_qwen_dir, qwen_tokenizer):
     manager = SearchR1RewardManager(_compose(tiny_qwen_dir, "+search_r1.reward.format_weight=0.1"), tok, None)
     out = [asyncio.run(manager.run_single(data[i : i + 1])) for i in range(3)]
     assert [o["reward_score"] for o in out] == pytest.approx([1.1, 0.1, 0.0])
-    assert out[0]["reward_extra_info"] == {"em": 1.0, "f1": 1.0, "answered": 1.0, "format_ok": 1.0, "searches": 1.0, "invalid_actions": 0.0}
+    assert out[0]["reward_extra_info"] == {"acc": 1.0, "f1": 1.0, "answered": 1.0, "format_ok": 1.0, "searches": 1.0, "invalid_actions": 0.0}
     assert out[2]["reward_extra_info"]["invalid_actions"] == 2.0 and out[2]["reward_extra_info"]["answered"] == 0.0
     assert all(set(o["reward_extra_info"]) == set(out[0]["reward_extra_info"]) for o in out)
 

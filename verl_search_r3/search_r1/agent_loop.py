@@ -14,7 +14,7 @@ One trajectory is one assistant stream after the chat-templated prompt:
    * ``answer`` → done;
    * ``search`` → the search tool's documents as ``\\n\\n<information>…</information>\\n\\n``
      within ``max_obs_tokens`` (documents cut, closing tag kept), mask 0;
-   * invalid → ``invalid_action_message``, mask 0;
+   * invalid → the invalid-action feedback (``invalid_action_message``), mask 0;
 
 3. after ``max_turns`` such rounds, one final turn (``final_turn``) in which a search is not run.
 
@@ -78,7 +78,7 @@ class SearchR1AgentLoop(AgentLoopBase):
         configured = {t.name: t for t in (tools.tools if tools else [])}
         self.tool: BaseTool = configured.get(self.protocol.tool_name) or shared_search_tool(settings.retriever, self.protocol.topk)
         self.response_length: int = self.rollout_config.response_length
-        self.invalid_ids: list[int] = self.tokenizer.encode(self.protocol.invalid_action_message, add_special_tokens=False)
+        self.invalid_ids: list[int] = self.tokenizer.encode(self.protocol.feedback, add_special_tokens=False)
 
     async def _search(self, query: str, tools_kwargs: dict[str, Any]) -> tuple[str, bool]:
         """Run the tool once (create, execute, release); returns ``(text, ok)``."""

@@ -71,7 +71,8 @@ class ProtocolConfig:
             documents are cut, the closing tag is always kept (Search-R1: 500).
         topk: documents retrieved per search (Search-R1: 3).
         tool_name: name of the search tool among verl's tools (the tool YAML's schema name).
-        invalid_action_message: feedback appended (mask 0) after an invalid action.
+        invalid_action_message: feedback appended (mask 0) after an invalid action; null =
+            :data:`DEFAULT_INVALID_ACTION_MESSAGE`.
     """
 
     max_turns: int = 4
@@ -81,7 +82,7 @@ class ProtocolConfig:
     max_obs_tokens: int = 500
     topk: int = 3
     tool_name: str = "search"
-    invalid_action_message: str = DEFAULT_INVALID_ACTION_MESSAGE
+    invalid_action_message: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("turn_max_tokens", "max_obs_tokens", "topk"):
@@ -95,6 +96,11 @@ class ProtocolConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> ProtocolConfig:
         return _from_dict(cls, values, "search_r1.protocol")
+
+    @property
+    def feedback(self) -> str:
+        """The invalid-action message in use."""
+        return DEFAULT_INVALID_ACTION_MESSAGE if self.invalid_action_message is None else self.invalid_action_message
 
 
 @dataclass(frozen=True)
@@ -180,7 +186,7 @@ class RetrieverConfig:
 @dataclass(frozen=True)
 class RewardConfig:
     """The ``search_r1`` reward (``search_r1.reward``):
-    ``score = em + f1_weight * f1 + format_weight * format_ok``.
+    ``score = exact_match + f1_weight * f1 + format_weight * format_ok``.
 
     Attributes:
         f1_weight: weight of the best token F1 against the golden answers (0 = pure EM, the paper).

@@ -15,7 +15,8 @@
 The corpus index is the environment's: one shard in-process (``placement: local`` with a
 one-shard index) or the named shard actors, restored from the folder's snapshot by the first
 retriever that finds them empty. With ``placement: ray`` (training) one named Ray actor per index
-holds the retriever and serves every agent-loop worker; encodes are serialised inside it.
+holds the retriever and serves every agent-loop worker: query encodes run one call at a time,
+index searches (fanned out to the shards) run concurrently.
 """
 
 from __future__ import annotations
@@ -139,28 +140,28 @@ class Retrieval:
         if not self.config.index_dir:
             raise ValueError("search_r1.retriever.index_dir is required (a folder written by build_index)")
         self.manifest = IndexManifest.load(self.config.index_dir)
-        self.index = self._open_index()
         self._lock = threading.Lock()
         self._bm25 = None
         self._model: DenseModel | None = None
         self._policy: PolicyFollower | None = None
         m, cfg = self.manifest, self.config
-        if not m.dense:
-            from ..bm25 import BM25Retriever
-
-            self._bm25 = BM25Retriever.load(os.path.join(cfg.index_dir, BM25_DIR))
-            return
-        options = dense_options(cfg, m)
         policy = cfg.model == POLICY_MODEL
         if policy and m.kind != "search_r3":
             raise ValueError(f"search_r1.retriever.model=policy needs a search_r3 index; {cfg.index_dir!r} is {m.kind}")
-        path = m.model if cfg.model is None or policy else cfg.model
-        if path is None:
-            raise ValueError(f"{cfg.index_dir}: the index records no model; set search_r1.retriever.model")
-        self._model = load_dense_model(m.kind, path, options)
-        if self._model.fingerprint != m.model_fingerprint:
-            raise ValueError(f"query model {path!r} is not the model {cfg.index_dir!r} was built with "
-                             f"(weights fingerprint {self._model.fingerprint[:12]} != {str(m.model_fingerprint)[:12]})")
+        if m.dense:  # the query model is loaded and checked before any index actor is started
+            options = dense_options(cfg, m)
+            path = m.model if cfg.model is None or policy else cfg.model
+            if path is None:
+                raise ValueError(f"{cfg.index_dir}: the index records no model; set search_r1.retriever.model")
+            self._model = load_dense_model(m.kind, path, options)
+            if self._model.fingerprint != m.model_fingerprint:
+                raise ValueError(f"query model {path!r} is not the model {cfg.index_dir!r} was built with "
+                                 f"(weights fingerprint {self._model.fingerprint[:12]} != {str(m.model_fingerprint)[:12]})")
+        else:
+            from ..bm25 import BM25Retriever
+
+            self._bm25 = BM25Retriever.load(os.path.join(cfg.index_dir, BM25_DIR))
+        self.index = self._open_index()
         if policy:
             self._policy = PolicyFollower(cfg.policy_checkpoint_dir, self._model, lambda p: load_dense_model(m.kind, p, options),
                                           self.index, cfg.policy_poll_seconds, cfg.batch_size)
@@ -187,10 +188,13 @@ class Retrieval:
                 "policy_step": self._policy.step if self._policy is not None else None}
 
     def _rank(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
-        if self._bm25 is not None:
-            return self._bm25.search(queries, k)
-        model = self._policy.current() if self._policy is not None else self._model
-        return self.index.search(model.encode_queries(queries), k)
+        # the encoder (and bm25s) run one call at a time; the corpus index serves concurrent searches
+        with self._lock:
+            if self._bm25 is not None:
+                return self._bm25.search(queries, k)
+            model = self._policy.current() if self._policy is not None else self._model
+            vectors = model.encode_queries(queries)
+        return self.index.search(vectors, k)
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
         """Top-``k`` passages per query, best first."""
@@ -199,10 +203,9 @@ class Retrieval:
         queries = [str(q) for q in queries]
         if not queries:
             return []
-        with self._lock:
-            ids, scores = self._rank(queries, k)
-            flat = [d for row in ids for d in row]
-            contents = dict(zip(flat, self.index.texts(flat))) if flat else {}
+        ids, scores = self._rank(queries, k)
+        flat = [d for row in ids for d in row]
+        contents = dict(zip(flat, self.index.texts(flat))) if flat else {}
         return [[Passage.from_contents(d, contents[d], s) for d, s in zip(row, score_row)] for row, score_row in zip(ids, scores)]
 
 

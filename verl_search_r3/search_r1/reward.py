@@ -7,11 +7,12 @@
 * :func:`score_response` — the answer is the last ``<answer>…</answer>`` of the *response* only
   (the prompt is never decoded, so its example answer cannot count: the original needed a
   second match for that reason), read from the text the model generated (``<information>``
-  blocks removed). ``score = em + f1_weight * f1 + format_weight * format_ok`` with
+  blocks removed). ``score = exact_match + f1_weight * f1 + format_weight * format_ok`` with
   ``format_ok`` = answered and no invalid action (:class:`~.config.RewardConfig`).
-* :class:`SearchR1RewardManager` — verl reward-loop manager ``search_r1``; per sample it logs
-  ``em, f1, answered, format_ok, searches, invalid_actions`` (protocol counts from the agent
-  loop's ``extra_fields``). :func:`compute_score` is the same score for verl's ``naive`` manager
+* :class:`SearchR1RewardManager` — verl reward-loop manager ``search_r1``; per sample it reports
+  ``acc`` (the exact match: verl's core validation metric, ``val-core/<data_source>/acc/mean@1``),
+  ``f1, answered, format_ok, searches, invalid_actions`` (protocol counts from the agent loop's
+  ``extra_fields``). :func:`compute_score` is the same score for verl's ``naive`` manager
   (``reward.custom_reward_function.path=pkg://verl_search_r3.search_r1.reward``).
 """
 
@@ -92,10 +93,11 @@ def golden_answers(ground_truth: Any) -> list[str]:
 
 @dataclass(frozen=True)
 class AnswerScore:
-    """Score of one trajectory and the extras logged with it (same keys for every sample)."""
+    """Score of one trajectory and the extras logged with it (same keys for every sample);
+    ``acc`` is the exact match (the name verl reports as the core validation metric)."""
 
     score: float
-    em: float
+    acc: float
     f1: float
     answered: float
     format_ok: float
@@ -121,15 +123,15 @@ def score_response(
     """
     text = strip_information(response) if config.answer_from_model_tokens else response
     answer = last_answer(text)
-    em = exact_match(answer, golds) if answer is not None else 0.0
+    acc = exact_match(answer, golds) if answer is not None else 0.0
     f1 = f1_score(answer, golds) if answer is not None else 0.0
     stats = stats or {}
     searches = float(stats.get("search_r1_searches", count_searches(text)))
     invalid = float(stats.get("search_r1_invalid_actions", 0))
     answered = float(answer is not None)
     format_ok = float(answered and invalid == 0)
-    score = em + config.f1_weight * f1 + config.format_weight * format_ok
-    return AnswerScore(score, em, f1, answered, format_ok, searches, invalid)
+    score = acc + config.f1_weight * f1 + config.format_weight * format_ok
+    return AnswerScore(score, acc, f1, answered, format_ok, searches, invalid)
 
 
 def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Mapping[str, Any] | None = None, **kwargs: Any) -> dict:
