@@ -47,7 +47,9 @@ class ScriptedServer:
     async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
         self.calls.append({"request_id": request_id, "prompt_ids": list(prompt_ids), "sampling_params": dict(sampling_params)})
         ids = self.turns.pop(0)
-        return TokenOutput(token_ids=ids, log_probs=[-0.25] * len(ids), stop_reason="completed")
+        step = len(self.calls)  # as if the weights were updated between turns (partial rollouts)
+        fields = {"global_steps": step, "min_global_steps": step, "max_global_steps": step}
+        return TokenOutput(token_ids=ids, log_probs=[-0.25] * len(ids), stop_reason="completed", extra_fields=fields)
 
 
 def _config(model_dir, index_dir, *overrides):
@@ -136,7 +138,8 @@ def test_search_invalid_answer_masks_and_reward(tiny_qwen_dir, qwen_tokenizer, b
     assert params["max_tokens"] == 500 and server.calls[1]["sampling_params"]["max_tokens"] == 500
     assert len({c["request_id"] for c in server.calls}) == 1  # one sticky session per trajectory
     assert out.extra_fields == {"search_r1_searches": 1, "search_r1_invalid_actions": 1, "search_r1_answered": 1, "search_r1_turns": 3,
-                                "search_r1_refused_searches": 0, "search_r1_truncated_observations": 1, "search_r1_failed_searches": 0}
+                                "search_r1_refused_searches": 0, "search_r1_truncated_observations": 1, "search_r1_failed_searches": 0,
+                                "global_steps": 1, "min_global_steps": 1, "max_global_steps": 3, "turn_scores": [], "tool_rewards": []}
     assert out.num_turns == 6
 
     # the reward of this trajectory, on the DataProto verl's agent loop builds for the reward loop

@@ -113,7 +113,7 @@ def test_dense_index_through_the_ray_actors(minilm_index, cranfield_passages, ra
     config = RetrieverConfig(index_dir=minilm_index, placement="ray", num_cpus=0.5, index_num_cpus=0.5)
     client = RetrieverClient(config)
     query = "similarity laws for models of heated aircraft structures"
-    [hits] = client.search_sync([query], 5)
+    [hits] = asyncio.run(client.search([query], 5))
     # the same ranking, computed here from the two shard snapshots with the same encoder
     retrieval = ray.get_actor(f"{config.actor_name}-{manifest.index_id[:12]}", namespace=config.namespace)
     assert ray.get(retrieval.describe.remote())["num_docs"] == DENSE_DOCS

@@ -23,7 +23,9 @@ last response token is always a sampled one (where verl puts the reward). Observ
 have ``response_mask`` 0: verl's V1 trainer uses that mask for the policy loss, the entropy
 and KL terms, the token-mean normaliser and the advantages (``tests/test_search_r1_masking.py``).
 
-``extra_fields`` (passed to the reward manager as ``tool_extra_fields``): ``search_r1_searches``,
+``extra_fields`` keep the server's weight versions (``min_global_steps`` of the first turn,
+``max_global_steps`` of the last, which verl's V1 trainer reads) and add (passed to the reward
+manager as ``tool_extra_fields``): ``search_r1_searches``,
 ``search_r1_invalid_actions``, ``search_r1_answered``, ``search_r1_turns``,
 ``search_r1_refused_searches`` (in the final turn), ``search_r1_truncated_observations``,
 ``search_r1_failed_searches`` (timeouts and retriever errors).
@@ -105,6 +107,7 @@ class SearchR1AgentLoop(AgentLoopBase):
         mask: list[int] = []
         logprobs: list[float] | None = []
         stats = TrajectoryStats()
+        server_fields: dict[str, Any] = {}  # weight versions etc. from the server, as verl's loops keep them
         rounds = 0
         num_preempted = 0
         while len(ids) < self.response_length:
@@ -115,6 +118,10 @@ class SearchR1AgentLoop(AgentLoopBase):
                     request_id=request_id, prompt_ids=prompt_ids + ids, sampling_params={**params, "max_tokens": budget}
                 )
             num_preempted += out.num_preempted or 0
+            if not server_fields:
+                server_fields = dict(out.extra_fields)
+            elif out.extra_fields.get("max_global_steps") is not None:
+                server_fields["max_global_steps"] = out.extra_fields["max_global_steps"]
             keep = min(stop_cut(out.token_ids, self.tokenizer.decode), budget)
             turn = list(out.token_ids[:keep])
             ids += turn
@@ -164,5 +171,5 @@ class SearchR1AgentLoop(AgentLoopBase):
             response_logprobs=logprobs if logprobs else None,
             num_turns=2 * stats.turns,  # prompt + each generation + each observation but the last
             metrics=metrics,
-            extra_fields=stats.as_extra_fields(),
+            extra_fields={**server_fields, "turn_scores": [], "tool_rewards": [], **stats.as_extra_fields()},
         )

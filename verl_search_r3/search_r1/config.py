@@ -63,9 +63,10 @@ class ProtocolConfig:
         final_turn: after ``max_turns`` rounds, generate once more; a search there is not run
             and ends the trajectory (Search-R1's last generation with search disabled). With
             false, the ``max_turns``-th turn is the last: at most ``max_turns - 1`` searches run.
-        stop_at_action: pass ``</search>`` and ``</answer>`` as stop strings to the sampler, so
-            a turn ends right after its action (no wasted tokens). The turn is also cut at the
-            first stop string on our side, token-exactly, for engines that ignore stop strings.
+        stop_at_action: pass ``</search>`` and ``</answer>`` as stop strings to the sampler
+            (vLLM's ``stop`` and ``include_stop_str_in_output``), so a turn ends right after its
+            action (no wasted tokens). The turn is also cut at the first stop string on our side,
+            token-exactly, for engines without these parameters (set false for them).
         turn_max_tokens: most tokens generated per turn (Search-R1: 500).
         max_obs_tokens: token budget of one observation, ``<information>`` wrapper included;
             documents are cut, the closing tag is always kept (Search-R1: 500).

@@ -238,11 +238,3 @@ class RetrieverClient:
         else:
             call = self._actor.search.remote(list(queries), k)
         return await asyncio.wait_for(call, timeout=self.config.timeout_seconds)
-
-    def search_sync(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        """Blocking variant (for callers without an event loop)."""
-        if self._local is not None:
-            return self._local.search(list(queries), k)
-        import ray
-
-        return ray.get(self._actor.search.remote(list(queries), k), timeout=self.config.timeout_seconds)
