@@ -205,14 +205,19 @@ def test_a_tool_from_the_tool_yaml_is_used(tiny_qwen_dir, qwen_tokenizer, bm25_i
     assert "Doc 1(Title:" in obs and "Doc 2" not in obs  # topk 1 from the YAML tool
 
 
-def test_verl_tool_agent_masks_tool_responses(tiny_qwen_dir, qwen_tokenizer, bm25_index):
-    """verl's own ToolAgentLoop with our parser and tool: tool-response tokens get mask 0."""
+@pytest.mark.parametrize("fmt", ["search_r1", "hermes"])
+def test_verl_tool_agent_masks_tool_responses(tiny_qwen_dir, qwen_tokenizer, bm25_index, fmt):
+    """verl's own ToolAgentLoop with our tool (and our parser, or hermes): tool-response tokens get mask 0."""
     tok = qwen_tokenizer
     tool = SearchR1Tool({"type": "native", "topk": 2, "retriever": {"index_dir": bm25_index, "placement": "local"}})
     end = tok.convert_tokens_to_ids("<|im_end|>")
-    t1 = _enc(tok, "<search> supersonic flow over wings </search>") + [end]
+    call = {
+        "search_r1": "<search> supersonic flow over wings </search>",
+        "hermes": '<tool_call>\n{"name": "search", "arguments": {"query": "supersonic flow over wings"}}\n</tool_call>',
+    }[fmt]
+    t1 = _enc(tok, call) + [end]
     t2 = _enc(tok, "<answer> lift </answer>") + [end]
-    cfg = _config(tiny_qwen_dir, bm25_index, "actor_rollout_ref.rollout.multi_turn.format=search_r1",
+    cfg = _config(tiny_qwen_dir, bm25_index, f"actor_rollout_ref.rollout.multi_turn.format={fmt}",
                   "actor_rollout_ref.rollout.multi_turn.max_tool_response_length=4000")
     out = _run(_loop("tool_agent", cfg, tok, ScriptedServer([t1, t2]), [tool]))
     spans = _spans(out.response_mask)
