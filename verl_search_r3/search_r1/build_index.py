@@ -185,14 +185,14 @@ def build_index(opts: BuildIndexOptions) -> IndexManifest:
     issues = IssueLog(strict=opts.strict, max_warnings=opts.max_warnings)
     id_field = "_id" if opts.format == "beir" else "doc_id" if opts.format == "parquet" else opts.id_field
     text_field_name = "text" if opts.format != "search-r1" else opts.contents_field
-    model = None
-    if opts.retriever != "bm25":
-        if not os.path.isdir(opts.model):
-            raise FileNotFoundError(f"model folder {opts.model!r} does not exist")
-        options = DenseModelOptions(device=opts.device, dtype=opts.model_dtype, batch_size=opts.batch_size, max_length=opts.max_length,
-                                    query_prefix=opts.query_prefix, document_prefix=opts.document_prefix)
-        model = load_dense_model(opts.retriever, opts.model, options)
-    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:
+    if opts.retriever != "bm25" and not os.path.isdir(opts.model):
+        raise FileNotFoundError(f"model folder {opts.model!r} does not exist")
+    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:  # refuses a non-empty output first
+        model = None
+        if opts.retriever != "bm25":
+            options = DenseModelOptions(device=opts.device, dtype=opts.model_dtype, batch_size=opts.batch_size, max_length=opts.max_length,
+                                        query_prefix=opts.query_prefix, document_prefix=opts.document_prefix)
+            model = load_dense_model(opts.retriever, opts.model, options)
         corpus = out.file(CORPUS_FILE)
         writer = CorpusWriter(corpus, issues, id_field=id_field, text_field=text_field_name, batch_rows=opts.batch_rows)
         for place, doc_id, title, text in iter_passages(opts, issues):
