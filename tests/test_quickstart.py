@@ -37,3 +37,27 @@ def test_quickstart_tiny_writes_a_complete_report(cranfield_dir, tmp_path, capsy
     for r in saved["results"]:
         assert r["n_queries"] == 4 and all(0.0 <= v <= 1.0 for v in r["metrics"].values())
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_policy_forward_matches_verl_response_alignment(tiny_qwen):
+    """Log-probs land where verl's no_padding_2_padding reads them: response token j at column j."""
+    import torch
+    from tensordict import TensorDict
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from verl_search_r3.quickstart import policy_forward
+    from verl_search_r3.tokens import embed_token_id
+    from verl_search_r3.workers import EMBEDDING_KEY
+
+    model, tok = tiny_qwen
+    E = embed_token_id(tok)
+    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, E], [8, E, 9, 10]]
+    with torch.no_grad():
+        out = policy_forward(model, prompts, responses, tok.pad_token_id, E)
+        nj = lambda seqs: torch.nested.as_nested_tensor([torch.tensor(s) for s in seqs], layout=torch.jagged)
+        got = no_padding_2_padding(out["log_probs"], TensorDict({"prompts": nj(prompts), "responses": nj(responses)}, batch_size=[2]))
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
+            want = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None])[:, 0]
+            torch.testing.assert_close(got[i, : len(r)], want, atol=1e-5, rtol=1e-4)
+    assert out[EMBEDDING_KEY].shape == (2, 64) and torch.all(out[EMBEDDING_KEY].norm(dim=-1) > 0.99)

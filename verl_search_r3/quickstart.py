@@ -47,7 +47,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .data.beir import load_beir
 from .data.build import BuildOptions, build_pairs
 from .data.negatives import NegativeOptions
-from .embedding import FinalNormCapture, pad_sequences
+from .embedding import last_hidden_states, pad_sequences
 from .encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, smollm2_path
 from .env import CorpusIndex, EnvConfig, RefreshPlanner, full_encode, load_corpus_texts
 from .evaluate import SystemResult, evaluate_retriever, markdown_table, plot_results
@@ -170,29 +170,31 @@ def _nested(seqs: Sequence[Sequence[float]], dtype: torch.dtype) -> Tensor:
 
 def policy_forward(model: PreTrainedModel, prompts: list[list[int]], responses: list[list[int]], pad_id: int, token_id: int) -> dict[str, Tensor]:
     """What verl's engine returns for a micro-batch: nested ``log_probs`` aligned with
-    ``prompt + response`` (position t scores token t+1) and the response embeddings."""
+    ``prompt + response`` (position t scores token t+1; only the positions that score response
+    tokens are computed, the rest are 0) and the response embeddings."""
     seqs = [p + r for p, r in zip(prompts, responses)]
     ids, mask = pad_sequences(seqs, pad_id, side="right")
-    with FinalNormCapture(model) as capture:
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        hidden = capture.pop()
-    labels = torch.roll(ids, shifts=-1, dims=1)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None])[..., 0]
+    hidden = last_hidden_states(model, ids, mask)  # (B, L, H), the final-norm output
+    head = model.get_output_embeddings()
+    rows = []
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        scoring = hidden[i, len(p) - 1 : len(p) + len(r) - 1]  # positions that predict the response
+        logp = torch.log_softmax(head(scoring).float(), dim=-1).gather(-1, ids[i, len(p) : len(p) + len(r), None])[:, 0]
+        rows.append(torch.cat([logp.new_zeros(len(p) - 1), logp, logp.new_zeros(1)]))
     input_ids = _nested(seqs, torch.long)
-    lengths = [len(s) for s in seqs]
-    log_probs = torch.nested.nested_tensor_from_jagged(torch.cat([logp[i, :n] for i, n in enumerate(lengths)]), input_ids.offsets())
+    log_probs = torch.nested.nested_tensor_from_jagged(torch.cat(rows), input_ids.offsets())
     emb = response_embeddings(hidden, input_ids, token_id, torch.tensor([len(p) for p in prompts]), packed=False)
     return {"log_probs": log_probs, EMBEDDING_KEY: emb}
 
 
-def _sample(model: PreTrainedModel, prompt: list[int], n: int, cfg: QuickstartConfig, stop_ids: list[int], pad_id: int) -> list[list[int]]:
-    """``n`` sampled responses to one prompt, each cut after its first stop id."""
+def _sample(model: PreTrainedModel, prompts: list[list[int]], cfg: QuickstartConfig, stop_ids: list[int], pad_id: int) -> list[list[int]]:
+    """One sampled response per prompt (one left-padded batch), each cut after its first stop id."""
+    ids, mask = pad_sequences(prompts, pad_id, side="left")
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([prompt] * n), attention_mask=torch.ones(n, len(prompt), dtype=torch.long),
-            do_sample=True, temperature=cfg.temperature, top_p=1.0, max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=stop_ids, pad_token_id=pad_id,
-        )[:, len(prompt):].tolist()
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_p=1.0,
+            max_new_tokens=cfg.max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad_id,
+        )[:, ids.shape[1]:].tolist()
     return [row[: next((j + 1 for j, t in enumerate(row) if t in stop_ids), len(row))] or [pad_id] for row in out]
 
 
@@ -229,13 +231,16 @@ def grpo(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data_dir: str, cf
         model.eval()
         for r in batch_rows:
             prompt = tok(render_generation_prompt(tok, r["extra_info"]["query"]), add_special_tokens=False)["input_ids"]
-            for resp in _sample(model, prompt, cfg.group_size, cfg, encoder.stop_ids, pad_id):
-                mask = [1] * len(resp)
-                if cfg.on_missing_token == "force":  # the rollout option of search_r3_agent
-                    resp, mask, _, was_forced = force_embed_token(resp, mask, None, token_id, cfg.max_new_tokens + 1)
-                    forced.append(was_forced)
-                prompts.append(prompt); responses.append(resp or [pad_id]); masks.append(mask or [0]); uids.append(r["extra_info"]["query_id"])
-                relevance.append(relevance_from_ground_truth(r["reward_model"]["ground_truth"]))
+            prompts += [prompt] * cfg.group_size
+            uids += [r["extra_info"]["query_id"]] * cfg.group_size
+            relevance += [relevance_from_ground_truth(r["reward_model"]["ground_truth"])] * cfg.group_size
+        for resp in _sample(model, prompts, cfg, encoder.stop_ids, pad_id):
+            mask = [1] * len(resp)
+            if cfg.on_missing_token == "force":  # the rollout option of search_r3_agent
+                resp, mask, _, was_forced = force_embed_token(resp, mask, None, token_id, cfg.max_new_tokens + 1)
+                forced.append(was_forced)
+            responses.append(resp)
+            masks.append(mask)
         with torch.no_grad():
             old = policy_forward(model, prompts, responses, pad_id, token_id)
         query_vecs = old[EMBEDDING_KEY].numpy()
@@ -382,8 +387,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not os.path.isdir(cfg.data):
         sys.exit(f"error: --data {cfg.data!r} is not a folder (a BEIR collection: corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     report = run_quickstart(cfg)
-    print("\nStage 1:", " ".join(f"step {m['step']}: acc {m.get('eval_accuracy', float('nan')):.2f}" for m in report["stage1"][:: max(1, len(report["stage1"]) // 4)]))
-    print("GRPO:   ", " ".join(f"step {m['step']}: reward {m['reward']:.3f} encoded {m['encoded_fraction']:.1%}" for m in report["grpo"]))
+    print("\nStage 1 (held-out InfoNCE):", ", ".join(f"step {m['step']} {m['eval_infonce']:.3f}" for m in report["stage1"]))
+    print("GRPO (reward = nDCG@10 of the rollouts; docs re-encoded by the refresh; rollouts with a forced token):")
+    for m in report["grpo"]:
+        print(f"  step {m['step']}: reward {m['reward']:.3f}  re-encoded {m['encoded_docs']} docs ({m['encoded_fraction']:.0%})  forced {m['forced']:.0%}")
     print("\n" + report["table"])
     print(f"\nreport: {os.path.join(cfg.output, 'report.json')}  plot: {os.path.join(cfg.output, 'results.png')}")
     return report
