@@ -47,6 +47,7 @@ class FakeActorWorkerGroup:
         eng = object.__new__(FSDPEngineWithLMHead)
         eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
         eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+        eng.module = model
         add_embedding_outputs(eng, model, token_id)
         self.engine, self.model = eng, model
         self._dispatch_info = {"actor": [0]}

@@ -63,6 +63,7 @@ def engine_and_model():
     eng = object.__new__(FSDPEngineWithLMHead)
     eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
     eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
+    eng.module = model
     add_embedding_outputs(eng, model, embed_token_id(tok))
     return eng, model, embed_token_id(tok)
 
@@ -220,3 +221,46 @@ def test_document_batch_pads_to_a_multiple_and_feeds_the_engine(engine_and_model
     assert torch.all(emb.norm(dim=-1) > 0.99)
     with pytest.raises(ValueError):
         document_batch([])
+
+
+def test_doc_grad_reencodes_documents_with_gradient(engine_and_model):
+    """With doc_grad the loss value equals the stored-vector loss on the same documents, but the
+    gradient also flows through the document forward."""
+    from verl_search_r3.embedding import last_hidden_states as lhs
+    from verl_search_r3.prompts import embed_prompt_ids
+    from verl_search_r3.trainer import document_prompt_fields
+    from verl_search_r3.workers import DOC_EMBEDDING_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY
+
+    eng, model, E = engine_and_model
+    tok = build_tiny_qwen2()[1]
+    texts = {"d1": "supersonic flutter of wings", "d2": "heat transfer in slabs", "d3": "boundary layer"}
+    id_lists = [["d1", "d2", ""], ["d1", "d3", "d2"]]  # d1 shared by both samples, a padding row
+    fields = document_prompt_fields(id_lists, lambda ids: [texts[i] for i in ids], tok, 64)
+    assert fields[DOC_TOKEN_LENGTHS_KEY][0, 2] == 0
+    assert fields[DOC_TOKENS_KEY].offsets().diff().tolist() == fields[DOC_TOKEN_LENGTHS_KEY].sum(1).tolist()
+
+    keys = {"d1": 1, "d2": 2, "d3": 3, "": -1}
+    doc_ids = torch.tensor([[keys[d] for d in row] for row in id_lists])
+    with torch.no_grad():  # the stored vectors: the same documents encoded without gradient
+        vecs = {d: F.normalize(lhs(model, torch.tensor([embed_prompt_ids(tok, t, "document", 64)]))[0, -1], dim=0) for d, t in texts.items()}
+    docs = torch.stack([torch.stack([vecs[d] if d else torch.zeros(64) for d in row]) for row in id_lists])
+    mask = doc_ids >= 0
+    prompts, responses = [[1, 2], [3]], [[4, E], [5, 6, E]]
+
+    def run(with_tokens):
+        mb = _micro_batch(prompts, responses)
+        if with_tokens:
+            mb[DOC_TOKENS_KEY], mb[DOC_TOKEN_LENGTHS_KEY], mb[DOC_IDS_KEY] = fields[DOC_TOKENS_KEY], fields[DOC_TOKEN_LENGTHS_KEY], doc_ids
+        mo = _forward(eng, model, mb)
+        data = _rl_data(mb, responses, docs, doc_ids, mask, global_batch_size=2)
+        data["advantages"] = nj([[0.0] * len(r) for r in responses], torch.float32)
+        loss, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1.0, doc_grad=with_tokens))
+        model.zero_grad()
+        loss.backward()
+        return loss.detach(), model.model.layers[0].mlp.up_proj.weight.grad.clone(), mo
+
+    stored_loss, stored_grad, _ = run(False)
+    grad_loss, doc_grad, mo = run(True)
+    torch.testing.assert_close(mo[DOC_EMBEDDING_KEY].detach(), docs, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(grad_loss, stored_loss, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(doc_grad, stored_grad, atol=1e-7)

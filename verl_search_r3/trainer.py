@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,7 @@ import torch
 import transfer_queue as tq
 from omegaconf import DictConfig, OmegaConf
 from tensordict import TensorDict
+from torch import Tensor
 from verl import DataProto
 from verl.experimental.reward_loop.reward_loop import RewardLoopManager
 from verl.trainer.ppo.utils import Role
@@ -48,6 +50,8 @@ from .tokens import embed_token_id
 from .workers import (
     DOC_IDS_KEY,
     DOC_MASK_KEY,
+    DOC_TOKEN_LENGTHS_KEY,
+    DOC_TOKENS_KEY,
     DOCS_KEY,
     EMBEDDING_KEY,
     ContrastiveConfig,
@@ -57,7 +61,14 @@ from .workers import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SearchR3Settings", "SearchR3Trainer", "contrastive_documents", "reward_candidates", "doc_key"]
+__all__ = [
+    "SearchR3Settings",
+    "SearchR3Trainer",
+    "contrastive_documents",
+    "document_prompt_fields",
+    "reward_candidates",
+    "doc_key",
+]
 
 ENV_SNAPSHOT_DIR = "search_r3_env"
 
@@ -149,6 +160,28 @@ def contrastive_documents(
     mask[: len(rows)] = True
     ids = [result.doc_ids[u] for u in rows] + [""] * (1 + num_negatives - len(rows))
     return vecs, ids, mask
+
+
+def document_prompt_fields(
+    id_lists: list[list[str]], texts_of: Callable[[list[str]], list[str]], tokenizer: Any, max_length: int
+) -> dict[str, Tensor]:
+    """The per-sample document prompts the actor re-encodes with gradient (``contrastive.doc_grad``).
+
+    Args:
+        id_lists: per sample, its contrastive document ids ("" = padding row).
+        texts_of: document ids -> texts (the environment's ``texts``).
+        tokenizer, max_length: document prompts as :func:`~verl_search_r3.prompts.embed_prompt_ids` builds them.
+
+    Returns:
+        :data:`DOC_TOKENS_KEY` nested ``(B, j)`` and :data:`DOC_TOKEN_LENGTHS_KEY` ``(B, K)``.
+    """
+    distinct = sorted({d for ids in id_lists for d in ids if d})
+    prompts = dict(zip(distinct, (embed_prompt_ids(tokenizer, t, "document", max_length) for t in texts_of(distinct))))
+    rows = [[prompts[d] if d else [] for d in ids] for ids in id_lists]
+    tokens = torch.nested.as_nested_tensor(
+        [torch.tensor([t for p in row for t in p], dtype=torch.long) for row in rows], layout=torch.jagged
+    )
+    return {DOC_TOKENS_KEY: tokens, DOC_TOKEN_LENGTHS_KEY: torch.tensor([[len(p) for p in row] for row in rows])}
 
 
 @register_trainer("search_r3")
@@ -308,6 +341,8 @@ class SearchR3Trainer(PPOTrainerSync):
             write_back[DOCS_KEY] = torch.from_numpy(np.stack([d[0] for d in docs]))
             write_back[DOC_IDS_KEY] = torch.tensor([[doc_key(x) if x else -1 - j for j, x in enumerate(d[1])] for d in docs])
             write_back[DOC_MASK_KEY] = torch.from_numpy(np.stack([d[2] for d in docs]).astype(np.int64))
+            if s.contrastive.doc_grad:
+                write_back.update(document_prompt_fields([d[1] for d in docs], self.env.texts, self.tokenizer, s.doc_max_length))
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict(write_back))
         return batch
 

@@ -11,7 +11,10 @@ How it plugs into verl's engine workers (``verl/workers/engine_workers.py``):
   with no extra forward pass, for both the packed (remove-padding) and padded layouts.
 * During ``update_actor`` the same field carries gradients into :func:`search_r3_ppo_loss`:
   verl's ``ppo_loss`` plus ``λ · InfoNCE`` between the query embedding and the fresh
-  positive/negative document vectors the trainer stored per sample (:data:`DOCS_KEY`).
+  positive/negative document vectors the trainer stored per sample (:data:`DOCS_KEY`). With
+  ``ContrastiveConfig.doc_grad`` the trainer stores the document prompts instead
+  (:data:`DOC_TOKENS_KEY`) and the engine re-encodes them in the training forward, so the
+  InfoNCE gradient also flows through the document side (:func:`document_embeddings`).
 * :class:`SearchR3ActorRolloutRefWorker` adds two worker-group methods: ``configure_search_r3``
   (install the engine outputs and the loss; called once by the trainer) and
   ``encode_documents`` (the environment's refresh callback: document prompts in, vectors out,
@@ -34,7 +37,7 @@ from verl.workers.config import ActorConfig
 from verl.workers.engine_workers import ActorRolloutRefWorker
 from verl.workers.utils.losses import ppo_loss
 
-from .embedding import FinalNormCapture, gather_embeddings, last_token_positions_nested
+from .embedding import FinalNormCapture, gather_embeddings, last_token_positions, last_token_positions_nested, pad_sequences
 from .losses import InfoNCELoss, in_batch_accuracy
 from .tokens import embed_token_id
 
@@ -43,6 +46,10 @@ __all__ = [
     "DOCS_KEY",
     "DOC_IDS_KEY",
     "DOC_MASK_KEY",
+    "DOC_TOKENS_KEY",
+    "DOC_TOKEN_LENGTHS_KEY",
+    "DOC_EMBEDDING_KEY",
+    "document_embeddings",
     "ContrastiveConfig",
     "response_embeddings",
     "add_embedding_outputs",
@@ -59,6 +66,13 @@ DOC_IDS_KEY = "search_r3_doc_ids"
 """``(B, 1 + N)`` int64 document keys aligned with :data:`DOCS_KEY` (equal keys = same document)."""
 DOC_MASK_KEY = "search_r3_doc_mask"
 """``(B, 1 + N)`` bool, False for padding rows of :data:`DOCS_KEY`."""
+DOC_TOKENS_KEY = "search_r3_doc_tokens"
+"""Nested ``(B, j)`` int64: the document prompts of a sample's 1 + N documents, concatenated
+(only with ``ContrastiveConfig.doc_grad``)."""
+DOC_TOKEN_LENGTHS_KEY = "search_r3_doc_token_lengths"
+"""``(B, 1 + N)`` int64 lengths of the prompts in :data:`DOC_TOKENS_KEY` (0 for padding rows)."""
+DOC_EMBEDDING_KEY = "search_r3_doc_embedding"
+"""``model_output`` field: ``(B, 1 + N, H)`` document embeddings with gradient (``doc_grad``)."""
 
 
 @dataclass
@@ -71,11 +85,16 @@ class ContrastiveConfig:
         in_batch_negatives: also use other samples' positives in the micro-batch as negatives.
             Off by default: GRPO micro-batches are mostly one query's group, and with env hard
             negatives only the loss is exactly invariant to micro-batching.
+        doc_grad: re-encode the positive and negative documents in the training forward so
+            the gradient also trains the document side (one extra forward per micro-batch over
+            its distinct documents, full-vocabulary logits included); off: the environment's
+            fresh vectors are constants.
     """
 
     coef: float = 0.1
     temperature: float = 0.05
     in_batch_negatives: bool = False
+    doc_grad: bool = False
 
 
 def response_embeddings(
@@ -106,6 +125,51 @@ def response_embeddings(
     return gather_embeddings(hidden, local.clamp(min=0), found)
 
 
+def document_embeddings(
+    module: torch.nn.Module,
+    capture: FinalNormCapture,
+    token_id: int,
+    tokens: Tensor,
+    lengths: Tensor,
+    doc_keys: Tensor,
+) -> Tensor:
+    """Embed each sample's documents with ``module`` (gradient kept), each distinct document once.
+
+    Args:
+        module: the causal LM (the engine's module; its final norm is hooked by ``capture``).
+        capture: the final-norm hook.
+        token_id: the embed token id.
+        tokens: nested ``(B, j)``: per sample, its document prompts concatenated.
+        lengths: ``(B, K)`` prompt lengths (0 = padding row).
+        doc_keys: ``(B, K)`` document keys; equal keys are encoded once.
+
+    Returns:
+        ``(B, K, H)`` unit embeddings; zero rows for padding.
+    """
+    lengths = lengths.long().cpu()
+    keys = doc_keys.long().cpu()
+    index: dict[int, int] = {}  # document key -> row of the unique batch
+    prompts: list[list[int]] = []
+    slot = torch.zeros_like(keys)
+    for i, row in enumerate(tokens.unbind()):
+        for k, piece in enumerate(torch.split(row.cpu(), lengths[i].tolist())):
+            if lengths[i, k] > 0:
+                key = int(keys[i, k])
+                if key not in index:
+                    index[key] = len(prompts)
+                    prompts.append(piece.tolist())
+                slot[i, k] = index[key]
+    device = tokens.device
+    ids, mask = pad_sequences(prompts, pad_id=0, side="right")
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    module(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device), use_cache=False)
+    hidden = capture.pop()
+    pos, found = last_token_positions(ids.to(device), token_id, mask.to(device))
+    emb = gather_embeddings(hidden, pos, found)
+    valid = (lengths > 0).to(device)
+    return emb[slot.to(device)] * valid[..., None].to(emb.dtype)
+
+
 def _embedding_engine_class(base: type) -> type:
     """A subclass of the engine class ``base`` that adds :data:`EMBEDDING_KEY` to model outputs."""
 
@@ -121,6 +185,11 @@ def _embedding_engine_class(base: type) -> type:
             model_output[EMBEDDING_KEY] = response_embeddings(
                 hidden, micro_batch["input_ids"], self.search_r3_token_id, prompt_lengths, packed=packed
             )
+            if torch.is_grad_enabled() and DOC_TOKENS_KEY in micro_batch.keys():
+                model_output[DOC_EMBEDDING_KEY] = document_embeddings(
+                    self.module, self.search_r3_capture, self.search_r3_token_id, micro_batch[DOC_TOKENS_KEY],
+                    _dense(micro_batch[DOC_TOKEN_LENGTHS_KEY]), _dense(micro_batch[DOC_IDS_KEY]),
+                )
             return model_output
 
     _EmbeddingOutputs.__name__ = f"SearchR3{base.__name__}"
@@ -166,11 +235,13 @@ def search_r3_ppo_loss(
     """
     loss, metrics = ppo_loss(config, model_output, data, dp_group)
     contrastive = contrastive or ContrastiveConfig()
-    if contrastive.coef == 0 or DOCS_KEY not in data.keys():
+    if contrastive.coef == 0 or (DOCS_KEY not in data.keys() and DOC_EMBEDDING_KEY not in model_output):
         return loss, metrics
 
     query = model_output[EMBEDDING_KEY]
-    docs = _dense(data[DOCS_KEY]).to(device=query.device, dtype=torch.float32)
+    docs = model_output.get(DOC_EMBEDDING_KEY)
+    if docs is None:
+        docs = _dense(data[DOCS_KEY]).to(device=query.device, dtype=torch.float32)
     doc_ids = _dense(data[DOC_IDS_KEY]).to(query.device)
     doc_mask = _dense(data[DOC_MASK_KEY]).to(query.device).bool()
     found = query.detach().norm(dim=-1) > 0
