@@ -140,7 +140,7 @@ def test_upsert_rejects_bad_input():
         index.upsert(["x", "y"], vecs[:1], 1)
     with pytest.raises(KeyError, match="no text"):
         index.texts(["doc-0"])
-    with pytest.raises(ValueError, match="unknown env config keys"):
+    with pytest.raises(ValueError, match=r"unknown search_r3\.env keys \[.candidates.\]"):
         EnvConfig.from_dict({"candidates": 3})
 
 

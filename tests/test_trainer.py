@@ -33,6 +33,7 @@ from verl_search_r3.trainer import (
     SearchR3Trainer,
     contrastive_documents,
     doc_key,
+    pool_grades,
     reward_candidates,
 )
 from verl_search_r3.workers import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs
@@ -199,18 +200,21 @@ def test_candidate_and_contrastive_selection_by_hand():
     fresh = np.array([True, True, True, True, False])  # "e" was over the refresh budget
     result = RefreshResult(doc_ids=["a", "b", "c", "d", "e"], doc_vecs=vecs, doc_versions=np.zeros(5, np.int64), fresh=fresh,
                            scores=np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32), stats=RefreshStats(version=0, n_queries=1))
-    rel = {"b": 2, "c": 2, "e": 1}
-    cand = reward_candidates(result, 0, rel, top=2)
+    rel = {"b": 2, "c": 2, "e": 1, "not-in-pool": 3}
+    np.testing.assert_array_equal(pool_grades(result, rel), [0, 2, 2, 0, 1])
+    cand = reward_candidates(result, 0, pool_grades(result, rel), top=2)
     assert cand["doc_ids"] == ["a", "b", "c", "d", "e"]  # top-2 (a, d) + every relevant doc
-    cand1 = reward_candidates(result, 0, {"e": 1}, top=1)
+    cand1 = reward_candidates(result, 0, pool_grades(result, {"e": 1}), top=1)
     assert cand1 == {"doc_ids": ["a", "e"], "scores": pytest.approx([0.9, 0.3])}
     # nDCG@1 over the reduced set equals nDCG@1 over the full pool
     full = score_ranking(result.doc_ids, result.scores[0].tolist(), {"e": 1}, RewardConfig(k=1))
     assert score_ranking(cand1["doc_ids"], cand1["scores"], {"e": 1}, RewardConfig(k=1)).ndcg == full.ndcg
-    v, ids, mask = contrastive_documents(result, 0, {"b": 2, "c": 2}, num_negatives=4)
+    v, ids, mask = contrastive_documents(result, 0, pool_grades(result, {"b": 2, "c": 2}), num_negatives=4)
     assert ids == ["c", "a", "d", "", ""]  # best grade (b, c tie -> c ranks higher), then fresh hard negatives
     assert mask.tolist() == [True, True, True, False, False]
     np.testing.assert_array_equal(v[0], vecs[2])
+    _, ids_e, _ = contrastive_documents(result, 0, pool_grades(result, {"e": 1, "b": 2}), num_negatives=1)
+    assert ids_e == ["b", "a"]  # the higher grade wins over the higher score
     with pytest.raises(ValueError, match="relevant"):
-        contrastive_documents(result, 0, {"zz": 1}, 2)
+        contrastive_documents(result, 0, pool_grades(result, {"zz": 1}), 2)
     assert doc_key("d1") == doc_key("d1") != doc_key("d2") and doc_key("x") >= 0

@@ -118,7 +118,6 @@ def test_sequence_parallel_is_refused():
 
 
 def _rl_data(mb, responses, docs, doc_ids, doc_mask, global_batch_size):
-    n = len(responses)
     data = mb.clone()
     data["response_mask"] = nj([[1] * len(r) for r in responses], torch.float32)
     data["old_log_probs"] = nj([[-1.0] * len(r) for r in responses], torch.float32)

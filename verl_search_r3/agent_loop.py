@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
+from .config_utils import dataclass_from_dict
 from .tokens import embed_token_id
 
 __all__ = ["RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token", "force_embed_token"]
@@ -74,7 +75,7 @@ class SearchR3AgentLoop(SingleTurnAgentLoop):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         knobs = OmegaConf.select(self.config, "search_r3.rollout", default=None)
-        self.search_r3 = RolloutConfig(**(OmegaConf.to_container(knobs) if knobs is not None else {}))
+        self.search_r3 = dataclass_from_dict(RolloutConfig, knobs, "search_r3.rollout")
         self.embed_token_id = embed_token_id(self.tokenizer)
 
     async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:

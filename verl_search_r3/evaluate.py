@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pytrec_eval
 
+from .atomic import atomic_write, write_json
 from .bm25 import BM25Retriever
 from .data.beir import BeirData, load_beir
 from .encoder import SearchR3Encoder
@@ -33,7 +34,6 @@ from .retrievers import (
     Retriever,
     SearchR3Queries,
     VectorCache,
-    atomic_write,
     search_r3_index,
     sentence_transformer_retriever,
 )
@@ -46,7 +46,6 @@ __all__ = [
     "evaluate_retriever",
     "markdown_table",
     "plot_results",
-    "write_json",
     "main",
 ]
 
@@ -130,11 +129,6 @@ def markdown_table(results: Sequence[SystemResult]) -> str:
                  "" if index_seconds is None else f"{index_seconds:.1f}", f"{r.seconds:.1f}", "" if forced is None else str(forced)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def write_json(path: str, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as indented JSON, atomically."""
-    atomic_write(path, lambda f: json.dump(payload, f, indent=2))
 
 
 def plot_results(results: Sequence[SystemResult], path: str, title: str = "") -> None:

@@ -51,6 +51,7 @@ from .embedding import last_hidden_states, pad_sequences
 from .encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, smollm2_path
 from .env import CorpusIndex, EnvConfig, RefreshPlanner, full_encode, load_corpus_texts
 from .evaluate import SystemResult, evaluate_retriever, markdown_table, plot_results
+from .atomic import write_json
 from .bm25 import BM25Retriever
 from .prompts import format_document, render_generation_prompt
 from .retrievers import DenseRetriever, SearchR3Queries, search_r3_index
@@ -58,7 +59,7 @@ from .reward import RewardConfig, missing_token_score, relevance_from_ground_tru
 from .sft_reference import run_reference
 from .tiny import build_tiny_qwen2
 from .tokens import add_embed_token
-from .trainer import contrastive_documents, doc_key, reward_candidates
+from .trainer import contrastive_documents, doc_key, pool_grades, reward_candidates
 from .agent_loop import force_embed_token
 from .workers import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, ContrastiveConfig, response_embeddings, search_r3_ppo_loss
 
@@ -245,10 +246,12 @@ def grpo(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data_dir: str, cf
             old = policy_forward(model, prompts, responses, pad_id, token_id)
         query_vecs = old[EMBEDDING_KEY].numpy()
         result = planner.refresh(index, query_vecs, [list(rel) for rel in relevance], step, encode)
+        doc_index = {d: u for u, d in enumerate(result.doc_ids)}
+        grades = [pool_grades(result, rel, doc_index) for rel in relevance]
         scores = []
         for i, rel in enumerate(relevance):
             if token_id in responses[i]:
-                cand = reward_candidates(result, i, rel, top=100)
+                cand = reward_candidates(result, i, grades[i], top=100)
                 scores.append(score_ranking(cand["doc_ids"], cand["scores"], rel, reward_config))
             else:
                 scores.append(missing_token_score(len(result.doc_ids), reward_config))
@@ -257,7 +260,7 @@ def grpo(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data_dir: str, cf
         token_rewards = torch.zeros_like(response_mask)
         token_rewards[torch.arange(len(n_resp)), torch.tensor(n_resp) - 1] = torch.tensor([s.score for s in scores])
         advantages, _ = compute_grpo_outcome_advantage(token_rewards, response_mask, np.array(uids, dtype=object))
-        docs = [contrastive_documents(result, i, relevance[i], cfg.num_negatives) for i in range(len(prompts))]
+        docs = [contrastive_documents(result, i, grades[i], cfg.num_negatives) for i in range(len(prompts))]
         data = TensorDict({
             "prompts": _nested(prompts, torch.long), "responses": _nested(responses, torch.long),
             "response_mask": _nested(masks, torch.float32),
@@ -341,8 +344,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "results": [asdict(r) for r in results],
         "table": table,
     }
-    with open(os.path.join(cfg.output, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    write_json(os.path.join(cfg.output, "report.json"), report)
     plot_results(results, os.path.join(cfg.output, "results.png"), title=f"Search-R3 quickstart ({name})")
     return report
 

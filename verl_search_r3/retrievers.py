@@ -18,15 +18,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .encoder import MissingPolicy, QueryEncoding, SearchR3Encoder
 from .prompts import embed_prompt_ids, render_embed_prompt
 
@@ -35,7 +35,6 @@ __all__ = [
     "DenseIndex",
     "DenseRetriever",
     "VectorCache",
-    "atomic_write",
     "SearchR3Queries",
     "SentenceTransformerEncoder",
     "build_dense_index",
@@ -78,24 +77,6 @@ def corpus_hash(ids: Sequence[str], texts: Sequence[str]) -> str:
         h.update(json.dumps([doc_id, text], ensure_ascii=False).encode())
         h.update(b"\n")
     return h.hexdigest()
-
-
-def atomic_write(path: str, write: Callable[[IO[Any]], Any], mode: str = "w") -> None:
-    """Create ``path`` through ``write(file)`` on a temporary file in the same folder, then rename,
-    so readers never see a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class VectorCache:

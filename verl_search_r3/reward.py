@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
+from .config_utils import dataclass_from_dict
 from .tokens import embed_token_id
 
 __all__ = [
@@ -186,7 +187,7 @@ class SearchR3RewardManager(RewardManagerBase):
     def __init__(self, config, tokenizer, compute_score=None, reward_router_address=None, reward_model_tokenizer=None, **kwargs):
         super().__init__(config, tokenizer, compute_score)
         knobs = OmegaConf.select(config, "search_r3.reward", default=None) if config is not None else None
-        self.reward_config = RewardConfig(**(OmegaConf.to_container(knobs) if knobs is not None else {}))
+        self.reward_config = dataclass_from_dict(RewardConfig, knobs, "search_r3.reward")
         self.embed_token_id = embed_token_id(tokenizer)
 
     async def run_single(self, data) -> dict:

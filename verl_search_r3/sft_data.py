@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -52,6 +52,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .config_utils import dataclass_from_dict
 from .prompts import PromptTemplates, embed_prompt_ids, query_reasoning_messages, render_generation_prompt
 from .tokens import embed_token_id
 
@@ -130,16 +131,7 @@ class GroupDataConfig:
     @classmethod
     def from_config(cls, cfg: Any) -> GroupDataConfig:
         """From a mapping or an OmegaConf node (missing keys take the defaults above)."""
-        if cfg is None:
-            return cls()
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        unknown = set(cfg) - set(asdict(cls()))
-        if unknown:
-            raise ValueError(f"unknown data.search_r3 keys: {sorted(unknown)}")
-        return cls(**cfg)
+        return dataclass_from_dict(cls, cfg, "data.search_r3")
 
 
 def stable_key(text: str) -> int:

@@ -38,7 +38,7 @@ i.e. global means.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -49,6 +49,7 @@ from verl.trainer.distillation.fsdp.losses import kl_divergence
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 
+from .config_utils import dataclass_from_dict
 from .losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, in_batch_accuracy
 from .sft_data import DOC_KEY, GROUP_KEY, RELEVANT_KEY, ROLE_KEY, VALID_KEY, check_groups, relevance_exclusion, split_groups
 from .workers import EMBEDDING_KEY
@@ -120,16 +121,7 @@ class Stage1LossConfig:
     @classmethod
     def from_config(cls, cfg: Any) -> Stage1LossConfig:
         """From a mapping or an OmegaConf node (missing keys take the defaults above)."""
-        if cfg is None:
-            return cls()
-        if not isinstance(cfg, dict):
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        unknown = set(cfg) - set(asdict(cls()))
-        if unknown:
-            raise ValueError(f"unknown search_r3.loss keys: {sorted(unknown)}")
-        return cls(**cfg)
+        return dataclass_from_dict(cls, cfg, "search_r3.loss")
 
     def reference_loss(self) -> Stage1Loss:
         """The same objective as :class:`~verl_search_r3.losses.Stage1Loss` (full-vocabulary KL)."""

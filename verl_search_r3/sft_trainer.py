@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -46,6 +46,7 @@ from verl.utils.metric import Metric
 from verl.workers.config import TrainingWorkerConfig
 from verl.workers.engine_workers import TrainingWorker
 
+from .config_utils import dataclass_from_dict
 from .sft_data import GroupCollator, GroupDataConfig, PairsGroupDataset
 from .sft_loss import REF_IDS_KEY, REF_LOGP_KEY, Stage1EngineLoss, Stage1LossConfig, add_reference_topk_outputs, assign_group_counts
 from .tokens import EMBED_TOKEN, add_embed_token, embed_token_id
@@ -90,16 +91,9 @@ class Stage1Config:
     @classmethod
     def from_config(cls, cfg: Any) -> Stage1Config:
         """From a mapping or an OmegaConf node (missing keys take the defaults above)."""
-        if cfg is None:
-            return cls()
-        if not isinstance(cfg, dict):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-        cfg = dict(cfg)
-        loss = Stage1LossConfig.from_config(cfg.pop("loss", None))
-        unknown = set(cfg) - {k for k in asdict(cls()) if k != "loss"}
-        if unknown:
-            raise ValueError(f"unknown search_r3 keys: {sorted(unknown)}")
-        return cls(loss=loss, **cfg)
+        values = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg or {})
+        values["loss"] = Stage1LossConfig.from_config(values.get("loss"))
+        return dataclass_from_dict(cls, values, "search_r3")
 
 
 def prepare_base_model(model_path: str, output_dir: str, init: str = "mean", trust_remote_code: bool = False) -> str:

@@ -41,6 +41,7 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.debug import marked_timer
 
+from .config_utils import dataclass_from_dict
 from .env import EnvConfig, RefreshResult
 from .env.actor import CorpusIndexClient
 from .env.corpus import load_corpus_texts
@@ -65,6 +66,7 @@ __all__ = [
     "SearchR3Settings",
     "SearchR3Trainer",
     "contrastive_documents",
+    "pool_grades",
     "document_prompt_fields",
     "reward_candidates",
     "doc_key",
@@ -107,16 +109,13 @@ class SearchR3Settings:
         if block is None:
             raise ValueError("the search_r3 trainer needs a `search_r3:` config block (see recipes/config/search_r3_grpo.yaml)")
         values: dict[str, Any] = OmegaConf.to_container(block, resolve=True)
-        contrastive = dict(values.pop("contrastive", {}) or {})
-        num_negatives = int(contrastive.pop("num_negatives", cls.num_negatives))
+        contrastive = dict(values.pop("contrastive", None) or {})
+        values["num_negatives"] = int(contrastive.pop("num_negatives", cls.num_negatives))
         values.pop("rollout", None)  # read by the agent loop
-        return cls(
-            reward=RewardConfig(**(values.pop("reward", {}) or {})),
-            contrastive=ContrastiveConfig(**contrastive),
-            env=EnvConfig.from_dict(values.pop("env", {}) or {}),
-            num_negatives=num_negatives,
-            **values,
-        )
+        values["reward"] = dataclass_from_dict(RewardConfig, values.get("reward"), "search_r3.reward")
+        values["contrastive"] = dataclass_from_dict(ContrastiveConfig, contrastive, "search_r3.contrastive")
+        values["env"] = EnvConfig.from_dict(values.get("env"))
+        return dataclass_from_dict(cls, values, "search_r3")
 
 
 def doc_key(doc_id: str) -> int:
@@ -124,21 +123,36 @@ def doc_key(doc_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(doc_id.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def reward_candidates(result: RefreshResult, query: int, relevance: dict[str, int], top: int) -> dict[str, list]:
+def pool_grades(result: RefreshResult, relevance: dict[str, int], doc_index: dict[str, int] | None = None) -> np.ndarray:
+    """``(U,)`` grade of each pool document for one query (0 = not relevant).
+
+    ``doc_index`` (pool doc id -> row) can be built once per step and shared by all rollouts;
+    the cost is then O(relevant documents), not O(pool).
+    """
+    if doc_index is None:
+        doc_index = {d: u for u, d in enumerate(result.doc_ids)}
+    grades = np.zeros(len(result.doc_ids), dtype=np.int64)
+    for doc, grade in relevance.items():
+        row = doc_index.get(doc)
+        if row is not None:
+            grades[row] = grade
+    return grades
+
+
+def reward_candidates(result: RefreshResult, query: int, grades: np.ndarray, top: int) -> dict[str, list]:
     """The reward manager's candidate field for one rollout: its ``top`` best pool documents plus
-    every relevant pool document, with their cosine scores (see :data:`CANDIDATES_KEY`)."""
+    every relevant pool document (``grades > 0``, see :func:`pool_grades`), with their cosine
+    scores (see :data:`CANDIDATES_KEY`)."""
     scores = result.scores[query]
-    order = np.argsort(-scores, kind="stable")[:top]
-    chosen = set(order.tolist())
-    chosen.update(u for u, d in enumerate(result.doc_ids) if relevance.get(d, 0) > 0)
-    keep = sorted(chosen)
+    best = np.argpartition(-scores, top - 1)[:top] if top < len(scores) else np.arange(len(scores))
+    keep = np.union1d(best, np.flatnonzero(grades > 0))
     return {"doc_ids": [result.doc_ids[u] for u in keep], "scores": scores[keep].tolist()}
 
 
 def contrastive_documents(
-    result: RefreshResult, query: int, relevance: dict[str, int], num_negatives: int
+    result: RefreshResult, query: int, grades: np.ndarray, num_negatives: int
 ) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """Fresh documents for one rollout's InfoNCE term.
+    """Fresh documents for one rollout's InfoNCE term (``grades`` from :func:`pool_grades`).
 
     Row 0 is the positive: the best-graded relevant document (ties: the one this rollout ranks
     highest). Rows 1..N are hard negatives: the non-relevant pool documents with fresh vectors
@@ -146,15 +160,14 @@ def contrastive_documents(
     ``(vectors (1 + N, H), ids, mask (1 + N,))``; padding rows are masked.
     """
     scores = result.scores[query]
-    order = np.argsort(-scores, kind="stable")
-    relevant = [u for u in order if relevance.get(result.doc_ids[u], 0) > 0]
-    if not relevant:
+    relevant = np.flatnonzero(grades > 0)
+    if not relevant.size:
         raise ValueError(f"rollout {query}: none of its relevant documents is in the environment")
-    positive = max(relevant, key=lambda u: relevance[result.doc_ids[u]])  # max keeps the first (best ranked) of ties
-    negatives = [u for u in order if result.fresh[u] and relevance.get(result.doc_ids[u], 0) <= 0][:num_negatives]
-    rows = [positive, *negatives]
-    dim = result.doc_vecs.shape[1]
-    vecs = np.zeros((1 + num_negatives, dim), dtype=np.float32)
+    positive = relevant[np.lexsort((-scores[relevant], -grades[relevant]))[0]]
+    candidates = np.flatnonzero((grades <= 0) & result.fresh)
+    negatives = candidates[np.argsort(-scores[candidates], kind="stable")[:num_negatives]]
+    rows = np.concatenate([[positive], negatives])
+    vecs = np.zeros((1 + num_negatives, result.doc_vecs.shape[1]), dtype=np.float32)
     vecs[: len(rows)] = result.doc_vecs[rows]
     mask = np.zeros(1 + num_negatives, dtype=bool)
     mask[: len(rows)] = True
@@ -309,8 +322,10 @@ class SearchR3Trainer(PPOTrainerSync):
         metrics.update(result.stats.to_metrics(prefix))
 
         n = len(batch)
+        doc_index = {d: u for u, d in enumerate(result.doc_ids)}
+        grades = [pool_grades(result, relevance[i], doc_index) for i in range(n)]
         candidates = np.empty(n, dtype=object)
-        candidates[:] = [reward_candidates(result, i, relevance[i], s.reward_candidates) for i in range(n)]
+        candidates[:] = [reward_candidates(result, i, grades[i], s.reward_candidates) for i in range(n)]
         prompt_lengths = data["prompts"].offsets().diff()
         response_lengths = data["responses"].offsets().diff()
         prompts = data["prompts"].to_padded_tensor(padding=self.tokenizer.pad_token_id)
@@ -337,7 +352,7 @@ class SearchR3Trainer(PPOTrainerSync):
             values = np.asarray(rm_output.non_tensor_batch[key], dtype=np.float64)
             metrics[f"{'search_r3' if training else 'val-search_r3'}/{key}"] = float(values.mean())
         if training and s.contrastive.coef:
-            docs = [contrastive_documents(result, i, relevance[i], s.num_negatives) for i in range(n)]
+            docs = [contrastive_documents(result, i, grades[i], s.num_negatives) for i in range(n)]
             write_back[DOCS_KEY] = torch.from_numpy(np.stack([d[0] for d in docs]))
             write_back[DOC_IDS_KEY] = torch.tensor([[doc_key(x) if x else -1 - j for j, x in enumerate(d[1])] for d in docs])
             write_back[DOC_MASK_KEY] = torch.from_numpy(np.stack([d[2] for d in docs]).astype(np.int64))

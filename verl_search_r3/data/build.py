@@ -21,7 +21,8 @@ from .generic import FieldNames, convert_generic, dataset_name, iter_generic_doc
 from .issues import IssueLog
 from .msmarco import convert_msmarco
 from .negatives import NegativeOptions, mine_negatives
-from .outputs import AtomicFolder, write_json, write_pairs, write_rl
+from ..atomic import write_json
+from .outputs import AtomicFolder, write_pairs, write_rl
 from .readers import sha256_path
 from .titles import convert_titles
 

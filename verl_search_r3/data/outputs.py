@@ -16,7 +16,6 @@ at the end (:class:`AtomicFolder`), so a failed run leaves no partial files.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -39,7 +38,6 @@ __all__ = [
     "AtomicFolder",
     "write_pairs",
     "write_rl",
-    "write_json",
 ]
 
 #: ``reward_model.ground_truth``: relevant document ids and their grades, best first.
@@ -246,10 +244,3 @@ def write_rl(
     for split, path in paths.items():
         pq.write_table(pa.Table.from_pylist(rows[split], schema=RL_SCHEMA), path)
     return {s: len(r) for s, r in rows.items()}
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")

@@ -37,7 +37,8 @@ from .backends import topk_merge
 from .config import EnvConfig
 from .index import CorpusIndex
 from .planner import EncodeFn, RefreshPlanner, RefreshResult, full_encode
-from .snapshot import SnapshotError, atomic_directory, atomic_write_text, read_manifest, write_snapshot_files
+from ..atomic import atomic_write_text
+from .snapshot import SnapshotError, atomic_directory, read_manifest, write_snapshot_files
 from .store import StalenessStats
 
 __all__ = ["CorpusIndexShard", "CorpusIndexClient", "shard_of", "shard_name", "SHARD_KEYS"]

@@ -8,10 +8,12 @@ the trainer builds the config with :meth:`EnvConfig.from_dict`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from ..config_utils import dataclass_from_dict
 
 __all__ = ["EnvConfig", "INDEX_TYPES", "DTYPES"]
 
@@ -134,13 +136,8 @@ class EnvConfig:
         if isinstance(values, DictConfig):
             values = OmegaConf.to_container(values, resolve=True)
         if values is not None and not isinstance(values, Mapping):
-            raise TypeError(f"env config must be a mapping, got {type(values).__name__}")
-        merged = {**dict(values or {}), **overrides}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(merged) - known)
-        if unknown:
-            raise ValueError(f"unknown env config keys {unknown}; known keys: {sorted(known)}")
-        return cls(**merged)
+            raise TypeError(f"search_r3.env must be a mapping, got {type(values).__name__}")
+        return dataclass_from_dict(cls, {**dict(values or {}), **overrides}, "search_r3.env")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON-serialisable) of every field."""

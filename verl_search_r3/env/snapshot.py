@@ -25,13 +25,14 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write_text
+
 __all__ = [
     "SnapshotError",
     "SNAPSHOT_FORMAT",
     "SNAPSHOT_FORMAT_VERSION",
     "MANIFEST",
     "atomic_directory",
-    "atomic_write_text",
     "write_snapshot",
     "write_snapshot_files",
     "read_snapshot",
@@ -82,23 +83,6 @@ def atomic_directory(path: str) -> Iterator[str]:
             shutil.rmtree(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write a small text file atomically (temporary file + ``os.replace``)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise
 
 

@@ -9,10 +9,12 @@ every key, so overrides work without ``+``.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, TypeVar
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
+
+from ..config_utils import dataclass_from_dict
 
 __all__ = [
     "ProtocolConfig",
@@ -37,20 +39,6 @@ AGENT_NAME = "search_r1_agent"
 #: ``retriever.model`` value that makes a Search-R3 index follow the policy being trained.
 POLICY_MODEL = "policy"
 
-T = TypeVar("T")
-
-
-def _from_dict(cls: type[T], values: Mapping[str, Any] | None, where: str) -> T:
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    if values is not None and not isinstance(values, Mapping):
-        raise TypeError(f"{where} must be a mapping, got {type(values).__name__}")
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"unknown {where} keys {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -96,7 +84,7 @@ class ProtocolConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> ProtocolConfig:
-        return _from_dict(cls, values, "search_r1.protocol")
+        return dataclass_from_dict(cls, values, "search_r1.protocol")
 
     @property
     def feedback(self) -> str:
@@ -178,7 +166,7 @@ class RetrieverConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> RetrieverConfig:
-        return _from_dict(cls, values, "search_r1.retriever")
+        return dataclass_from_dict(cls, values, "search_r1.retriever")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,7 +191,7 @@ class RewardConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None = None) -> RewardConfig:
-        return _from_dict(cls, values, "search_r1.reward")
+        return dataclass_from_dict(cls, values, "search_r1.reward")
 
 
 @dataclass(frozen=True)

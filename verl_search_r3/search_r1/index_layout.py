@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..env import EnvConfig
-from ..env.snapshot import atomic_write_text
+from ..atomic import atomic_write_text
 
 __all__ = ["IndexManifest", "KINDS", "INDEX_MANIFEST", "CORPUS_FILE", "SNAPSHOT_DIR", "BM25_DIR", "MANIFEST_VERSION"]
 
