@@ -20,7 +20,7 @@ the same vectors; interleaved calls, medians); recall@10 of the IVF and HNSW opt
 exact index, at build and after 10% of the vectors drift (on a ``--recall-corpus-size`` subset).
 
 The reward is the project's: nDCG@k of the relevant docs among the candidates ranked by cosine
-(``verl_search_r3.reward.score_ranking``). Prints ONE JSON object on stdout; progress and logs
+(``verl_search_r3.rl.reward.score_ranking``). Prints ONE JSON object on stdout; progress and logs
 go to stderr. Ratios are measured in the same run. Never downloads anything.
 """
 
@@ -201,7 +201,7 @@ def cranfield_task(args: argparse.Namespace) -> Task:
 
 def ndcg(ids: list[str], scores: np.ndarray, relevance: dict[str, int], k: int) -> float:
     """The project's reward: nDCG@k of the relevant docs among the ranked candidates."""
-    from verl_search_r3.reward import RewardConfig, score_ranking
+    from verl_search_r3.rl.reward import RewardConfig, score_ranking
 
     return score_ranking(ids, scores.tolist(), relevance, RewardConfig(k=k)).ndcg
 

@@ -32,8 +32,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from verl_search_r3.encoder import SMOLLM2_GGUF_FILE, smollm2_path  # noqa: E402
 from verl_search_r3.evaluate import main as evaluate_main  # noqa: E402
+from verl_search_r3.retrieval.encoder import SMOLLM2_GGUF_FILE, smollm2_path  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,7 +1,7 @@
 """Stage-1 reference run on Cranfield: does the Stage-1 loss + data path train an embedder?
 
-Runs :func:`verl_search_r3.sft_reference.run_reference` — the data path and objective of
-``python -m verl_search_r3.sft`` in one CPU process — for a few AdamW steps on Cranfield
+Runs :func:`verl_search_r3.stage1.reference.run_reference` — the data path and objective of
+``python -m verl_search_r3.stage1`` in one CPU process — for a few AdamW steps on Cranfield
 (query, positive, BM25 negative) groups and reports, per step, every loss term on the training
 batch and the InfoNCE loss / in-batch top-1 accuracy of a fixed evaluation batch:
 
@@ -36,9 +36,9 @@ import torch  # noqa: E402
 
 from verl_search_r3.data.build import BuildOptions, build_pairs  # noqa: E402
 from verl_search_r3.data.negatives import NegativeOptions  # noqa: E402
-from verl_search_r3.sft_data import GroupDataConfig  # noqa: E402
-from verl_search_r3.sft_loss import Stage1LossConfig  # noqa: E402
-from verl_search_r3.sft_reference import run_reference  # noqa: E402
+from verl_search_r3.stage1.data import GroupDataConfig  # noqa: E402
+from verl_search_r3.stage1.loss import Stage1LossConfig  # noqa: E402
+from verl_search_r3.stage1.reference import run_reference  # noqa: E402
 
 CRANFIELD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cranfield")
 
@@ -51,7 +51,7 @@ def load_model(name: str, seed: int):
         return build_tiny_qwen2(seed=seed)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from verl_search_r3.encoder import SMOLLM2_GGUF_FILE, smollm2_path
+    from verl_search_r3.retrieval.encoder import SMOLLM2_GGUF_FILE, smollm2_path
     from verl_search_r3.tokens import add_embed_token
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path(), gguf_file=SMOLLM2_GGUF_FILE)

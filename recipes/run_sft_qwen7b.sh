@@ -51,7 +51,7 @@ TRAINER=(
 )
 
 # shellcheck disable=SC2086  # LAUNCH is a command line
-$LAUNCH -m verl_search_r3.sft \
+$LAUNCH -m verl_search_r3.stage1 \
     --config-path="$DIR/config" --config-name=search_r3_sft \
     "${DATA[@]}" "${MODEL[@]}" "${ENGINE[@]}" "${SEARCH_R3[@]}" "${TRAINER[@]}" \
     "$@"

@@ -7,8 +7,8 @@ from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
 from verl.utils.dataset.rl_dataset import RLHFDataset
 from verl.workers.rollout.replica import TokenOutput
 
-from verl_search_r3.agent_loop import RolloutConfig, SearchR3AgentLoop
 from verl_search_r3.prompts import query_reasoning_messages
+from verl_search_r3.rl.agent_loop import RolloutConfig, SearchR3AgentLoop
 from verl_search_r3.tokens import embed_token_id
 
 

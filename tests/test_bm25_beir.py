@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import pytrec_eval
 
-from verl_search_r3.bm25 import BM25Retriever
 from verl_search_r3.data.beir import DataFormatError, load_beir
 from verl_search_r3.prompts import format_document
+from verl_search_r3.retrieval.bm25 import BM25Retriever
 
 
 def test_cranfield_loads_with_exact_counts(cranfield_dir):

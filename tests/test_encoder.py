@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from verl_search_r3.encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, length_batches, resolve_device_dtype, smollm2_path
 from verl_search_r3.prompts import embed_prompt_ids, render_generation_prompt
+from verl_search_r3.retrieval.encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, length_batches, resolve_device_dtype, smollm2_path
 from verl_search_r3.tiny import build_tiny_qwen2, load_qwen_tokenizer
 
 QUERIES = [

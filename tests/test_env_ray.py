@@ -10,10 +10,10 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from test_env_concurrency import N, run_readers_during_writes, versioned_vectors  # noqa: E402
+
 from verl_search_r3.env import CorpusIndex, EnvConfig, RefreshPlanner, SnapshotError  # noqa: E402
 from verl_search_r3.env.actor import CorpusIndexClient, shard_of  # noqa: E402
-
-from test_env_concurrency import N, run_readers_during_writes, versioned_vectors  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -16,9 +16,8 @@ import torch
 
 from verl_search_r3 import evaluate
 from verl_search_r3.data.beir import load_beir
-from verl_search_r3.encoder import SearchR3Encoder
 from verl_search_r3.evaluate import corpus_texts, main, score_run
-from verl_search_r3.retrievers import (
+from verl_search_r3.retrieval.dense import (
     DenseIndex,
     DenseRetriever,
     SearchR3Queries,
@@ -26,6 +25,7 @@ from verl_search_r3.retrievers import (
     VectorCache,
     search_r3_document_key,
 )
+from verl_search_r3.retrieval.encoder import SearchR3Encoder
 
 # Shared reference on Cranfield (../shared/README.md): pytrec_eval, documents as title + " " + text.
 REFERENCE = {"BM25": (0.365, 0.735), "MiniLM": (0.374, 0.776)}

@@ -41,7 +41,7 @@ def test_import_verl_registers_everything():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "reward_manager search_r3 -> SearchR3RewardManager" in res.stdout
     assert "trainer search_r3 -> SearchR3Trainer" in res.stdout
-    assert "agent_loop search_r3_agent -> verl_search_r3.agent_loop.SearchR3AgentLoop" in res.stdout
+    assert "agent_loop search_r3_agent -> verl_search_r3.rl.agent_loop.SearchR3AgentLoop" in res.stdout
     assert "reward_manager search_r1 -> SearchR1RewardManager" in res.stdout
     assert "agent_loop search_r1_agent -> verl_search_r3.search_r1.agent_loop.SearchR1AgentLoop" in res.stdout
     assert "tool_parser search_r1 -> SearchR1ToolParser" in res.stdout

@@ -46,8 +46,8 @@ def test_policy_forward_matches_verl_response_alignment(tiny_qwen):
     from verl.workers.utils.padding import no_padding_2_padding
 
     from verl_search_r3.quickstart import policy_forward
+    from verl_search_r3.rl.engine import EMBEDDING_KEY
     from verl_search_r3.tokens import embed_token_id
-    from verl_search_r3.workers import EMBEDDING_KEY
 
     model, tok = tiny_qwen
     E = embed_token_id(tok)

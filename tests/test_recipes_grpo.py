@@ -10,7 +10,7 @@ from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import validate_config
 
 from verl_search_r3.env import EnvConfig
-from verl_search_r3.trainer import SearchR3Settings
+from verl_search_r3.rl.trainer import SearchR3Settings
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 

@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_module
 from verl import DataProto
 
-from verl_search_r3.reward import (
+from verl_search_r3.rl.reward import (
     CANDIDATES_KEY,
     RewardConfig,
     SearchR3RewardManager,
@@ -156,7 +156,7 @@ def test_reward_manager_resolves_by_name_and_by_importlib(tiny_qwen_dir, qwen_to
     by_path = _compose(
         tiny_qwen_dir,
         "reward.reward_manager.source=importlib",
-        "reward.reward_manager.module.path=pkg://verl_search_r3.reward",
+        "reward.reward_manager.module.path=pkg://verl_search_r3.rl.reward",
         "reward.reward_manager.name=SearchR3RewardManager",
     )
     assert resolve_reward_manager_cls(by_path) is SearchR3RewardManager

@@ -16,8 +16,8 @@ from verl_search_r3.env import CorpusIndex
 from verl_search_r3.search_r1.build_index import BuildIndexOptions, build_index, main
 from verl_search_r3.search_r1.config import RetrieverConfig
 from verl_search_r3.search_r1.index_layout import INDEX_MANIFEST, IndexManifest
-from verl_search_r3.search_r1.observation import Passage
 from verl_search_r3.search_r1.models import load_dense_model
+from verl_search_r3.search_r1.observation import Passage
 from verl_search_r3.search_r1.retrieval import Retrieval, RetrieverClient, dense_options, latest_policy_checkpoint
 from verl_search_r3.search_r1.tool import SearchR1Tool
 

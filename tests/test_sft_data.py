@@ -7,7 +7,7 @@ from verl.utils import tensordict_utils as tu
 from verl.workers.engine.utils import prepare_micro_batches
 
 from verl_search_r3.prompts import DEFAULT_TEMPLATES, render_generation_prompt
-from verl_search_r3.sft_data import (
+from verl_search_r3.stage1.data import (
     DOC_KEY,
     GROUP_KEY,
     RELEVANT_KEY,

@@ -22,9 +22,9 @@ from verl.workers.engine.utils import prepare_micro_batches
 
 from verl_search_r3.embedding import last_hidden_states
 from verl_search_r3.losses import token_kl
-from verl_search_r3.sft_trainer import Stage1TrainingWorker, _reduce_metrics
-from verl_search_r3.sft_data import GroupCollator, GroupDataConfig, PairsGroupDataset
-from verl_search_r3.sft_loss import (
+from verl_search_r3.rl.engine import EMBEDDING_KEY, add_embedding_outputs
+from verl_search_r3.stage1.data import GroupCollator, GroupDataConfig, PairsGroupDataset
+from verl_search_r3.stage1.loss import (
     KL_KEY,
     NUM_GROUPS_KEY,
     NUM_PAIRS_KEY,
@@ -36,8 +36,8 @@ from verl_search_r3.sft_loss import (
     assign_group_counts,
     predicting_rows,
 )
+from verl_search_r3.stage1.trainer import Stage1TrainingWorker, _reduce_metrics
 from verl_search_r3.tokens import embed_token_id
-from verl_search_r3.workers import EMBEDDING_KEY, add_embedding_outputs
 
 TOPK = 16
 ROWS = [  # (query_id, query, pos_id, neg_ids); q1 has two positives, so d2 must not be q1's negative

@@ -10,8 +10,8 @@ import yaml
 from omegaconf import OmegaConf
 from verl.utils.config import omega_conf_to_dataclass
 
-from verl_search_r3.sft_trainer import Stage1Config, _check_config
-from verl_search_r3.sft_data import GroupDataConfig
+from verl_search_r3.stage1.data import GroupDataConfig
+from verl_search_r3.stage1.trainer import Stage1Config, _check_config
 
 RECIPES = os.path.join(os.path.dirname(__file__), "..", "recipes")
 

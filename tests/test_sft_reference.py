@@ -7,9 +7,9 @@ import pytest
 
 from verl_search_r3.data.build import BuildOptions, build_pairs
 from verl_search_r3.data.negatives import NegativeOptions
-from verl_search_r3.sft_data import GroupDataConfig
-from verl_search_r3.sft_loss import Stage1LossConfig
-from verl_search_r3.sft_reference import run_reference
+from verl_search_r3.stage1.data import GroupDataConfig
+from verl_search_r3.stage1.loss import Stage1LossConfig
+from verl_search_r3.stage1.reference import run_reference
 from verl_search_r3.tiny import build_tiny_qwen2
 
 

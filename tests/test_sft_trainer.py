@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.utils import prepare_micro_batches
 
-from verl_search_r3.sft_data import GROUP_KEY, ROLE_KEY, GroupCollator, GroupDataConfig, check_groups
-from verl_search_r3.sft_trainer import SearchR3SFTTrainer, Stage1Config, prepare_base_model
+from verl_search_r3.stage1.data import GROUP_KEY, ROLE_KEY, GroupCollator, GroupDataConfig, check_groups
+from verl_search_r3.stage1.trainer import SearchR3SFTTrainer, Stage1Config, prepare_base_model
 from verl_search_r3.tiny import load_qwen_tokenizer
 from verl_search_r3.tokens import embed_token_id
 

@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from verl_search_r3.tiny import build_tiny_qwen2, load_qwen_tokenizer
 from verl_search_r3.tokens import EMBED_TOKEN, add_embed_token, embed_token_id

@@ -26,9 +26,9 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl_search_r3.data.beir import load_beir
 from verl_search_r3.embedding import gather_embeddings, last_hidden_states, last_token_positions, pad_sequences
 from verl_search_r3.prompts import embed_prompt_ids, format_document, render_generation_prompt
-from verl_search_r3.reward import RewardConfig, score_ranking
-from verl_search_r3.tokens import embed_token_id
-from verl_search_r3.trainer import (
+from verl_search_r3.rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs
+from verl_search_r3.rl.reward import RewardConfig, score_ranking
+from verl_search_r3.rl.trainer import (
     SearchR3Settings,
     SearchR3Trainer,
     contrastive_documents,
@@ -36,7 +36,7 @@ from verl_search_r3.trainer import (
     pool_grades,
     reward_candidates,
 )
-from verl_search_r3.workers import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs
+from verl_search_r3.tokens import embed_token_id
 
 RECIPE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "recipes", "config")
 
@@ -106,7 +106,7 @@ def _trainer(cfg, tok, model):
     t.actor_rollout_wg = FakeActorWorkerGroup(model, embed_token_id(tok))
     t.reward_loop_manager = RewardLoopManager(config=cfg)
     from verl_search_r3.env.actor import CorpusIndexClient
-    from verl_search_r3.trainer import _RewardAfterLogProb
+    from verl_search_r3.rl.trainer import _RewardAfterLogProb
 
     t.reward_loop_manager.__class__ = _RewardAfterLogProb
     t.search_r3 = SearchR3Settings.from_config(cfg)

@@ -18,18 +18,10 @@ from verl.workers.utils.losses import ppo_loss
 
 from verl_search_r3.embedding import last_hidden_states
 from verl_search_r3.losses import InfoNCELoss
+from verl_search_r3.rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs, response_embeddings
+from verl_search_r3.rl.workers import ContrastiveConfig, search_r3_ppo_loss
 from verl_search_r3.tiny import build_tiny_qwen2
 from verl_search_r3.tokens import embed_token_id
-from verl_search_r3.workers import (
-    DOC_IDS_KEY,
-    DOC_MASK_KEY,
-    DOCS_KEY,
-    EMBEDDING_KEY,
-    ContrastiveConfig,
-    add_embedding_outputs,
-    response_embeddings,
-    search_r3_ppo_loss,
-)
 
 
 def nj(seqs, dtype=torch.long):
@@ -208,7 +200,7 @@ def test_in_batch_negatives_mask_shared_positives(engine_and_model):
 
 
 def test_document_batch_pads_to_a_multiple_and_feeds_the_engine(engine_and_model):
-    from verl_search_r3.workers import document_batch
+    from verl_search_r3.rl.workers import document_batch
 
     eng, model, E = engine_and_model
     batch = document_batch([[1, 2, E], [3, E]], pad_to_multiple=4)
@@ -227,8 +219,8 @@ def test_doc_grad_reencodes_documents_with_gradient(engine_and_model):
     gradient also flows through the document forward."""
     from verl_search_r3.embedding import last_hidden_states as lhs
     from verl_search_r3.prompts import embed_prompt_ids
-    from verl_search_r3.trainer import document_prompt_fields
-    from verl_search_r3.workers import DOC_EMBEDDING_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY
+    from verl_search_r3.rl.engine import DOC_EMBEDDING_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY
+    from verl_search_r3.rl.trainer import document_prompt_fields
 
     eng, model, E = engine_and_model
     tok = build_tiny_qwen2()[1]
@@ -263,3 +255,4 @@ def test_doc_grad_reencodes_documents_with_gradient(engine_and_model):
     torch.testing.assert_close(mo[DOC_EMBEDDING_KEY].detach(), docs, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(grad_loss, stored_loss, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(doc_grad, stored_grad, atol=1e-7)
+

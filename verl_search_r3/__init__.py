@@ -1,7 +1,9 @@
 """verl-search-r3: train LLMs that reason, then embed (Search-R3) and reason, then search (Search-R1) on verl.
 
 The core modules (:mod:`tokens`, :mod:`prompts`, :mod:`embedding`, :mod:`losses`) need only torch
-and transformers; verl-specific glue lives in :mod:`plugin` and the worker/trainer modules.
+and transformers; :mod:`.retrieval`, :mod:`.data` and :mod:`.env` build on them without verl;
+verl-specific glue lives in :mod:`.rl` (Stage 2), :mod:`.stage1`, :mod:`.search_r1` and
+:mod:`.plugin`. ``tests/test_layout.py`` keeps imports running in that order.
 """
 
 from .tokens import EMBED_TOKEN, add_embed_token, embed_token_id

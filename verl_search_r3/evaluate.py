@@ -25,11 +25,10 @@ import numpy as np
 import pytrec_eval
 
 from .atomic import atomic_write, write_json
-from .bm25 import BM25Retriever
 from .data.beir import BeirData, load_beir
-from .encoder import SearchR3Encoder
 from .prompts import format_document
-from .retrievers import (
+from .retrieval.bm25 import BM25Retriever
+from .retrieval.dense import (
     DenseRetriever,
     Retriever,
     SearchR3Queries,
@@ -37,6 +36,7 @@ from .retrievers import (
     search_r3_index,
     sentence_transformer_retriever,
 )
+from .retrieval.encoder import SearchR3Encoder
 
 __all__ = [
     "SystemResult",

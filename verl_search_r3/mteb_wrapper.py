@@ -1,7 +1,7 @@
 """Run MTEB tasks with a Search-R3 model: an adapter implementing mteb's ``EncoderProtocol``.
 
     import mteb
-    from verl_search_r3.encoder import SearchR3Encoder
+    from verl_search_r3.retrieval.encoder import SearchR3Encoder
     from verl_search_r3.mteb_wrapper import SearchR3MTEBModel
 
     model = SearchR3MTEBModel(SearchR3Encoder.from_pretrained(path), reasoning=True)
@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .encoder import MissingPolicy, QueryEncoding, SearchR3Encoder
-from .retrievers import module_fingerprint
+from .retrieval.dense import module_fingerprint
+from .retrieval.encoder import MissingPolicy, QueryEncoding, SearchR3Encoder
 
 if TYPE_CHECKING:
     from mteb.abstasks.task_metadata import TaskMetadata

@@ -10,7 +10,7 @@ registration after ``import verl``.
 
 from __future__ import annotations
 
-from . import agent_loop, reward, trainer  # noqa: F401  (registration side effects)
+from .rl import agent_loop, reward, trainer  # noqa: F401  (registration side effects)
 from .search_r1 import agent_loop as search_r1_agent_loop  # noqa: F401
 from .search_r1 import reward as search_r1_reward  # noqa: F401
 from .search_r1 import tool as search_r1_tool  # noqa: F401

@@ -6,17 +6,17 @@ orchestrates; every computation is the library function the verl path uses —
 1. **data**: :func:`verl_search_r3.data.build.build_pairs` (BM25 hard negatives) on a BEIR folder
    (default: the Cranfield collection in ``../shared/data/cranfield``), cut to ``--max-docs``
    documents (all judged documents of the kept queries stay);
-2. **Stage 1**: :func:`verl_search_r3.sft_reference.run_reference` (the Stage-1 dataset, collator
-   and objective of ``python -m verl_search_r3.sft``);
+2. **Stage 1**: :func:`verl_search_r3.stage1.reference.run_reference` (the Stage-1 dataset, collator
+   and objective of ``python -m verl_search_r3.stage1``);
 3. **Stage 2 (GRPO)**: rollouts sampled with the reasoning prompt and stopped at
    ``<|embed_token|>``; old log-probs and query embeddings from one forward
-   (:func:`verl_search_r3.workers.response_embeddings`); the environment's selective refresh
+   (:func:`verl_search_r3.rl.engine.response_embeddings`); the environment's selective refresh
    (:class:`verl_search_r3.env.CorpusIndex` + :class:`~verl_search_r3.env.RefreshPlanner`); the
-   ranking reward (:func:`verl_search_r3.reward.score_ranking` on
-   :func:`verl_search_r3.trainer.reward_candidates`); GRPO advantages from verl's
+   ranking reward (:func:`verl_search_r3.rl.reward.score_ranking` on
+   :func:`verl_search_r3.rl.trainer.reward_candidates`); GRPO advantages from verl's
    ``compute_grpo_outcome_advantage``; the update with
-   :func:`verl_search_r3.workers.search_r3_ppo_loss` (verl's ``ppo_loss`` + InfoNCE against
-   :func:`verl_search_r3.trainer.contrastive_documents`);
+   :func:`verl_search_r3.rl.workers.search_r3_ppo_loss` (verl's ``ppo_loss`` + InfoNCE against
+   :func:`verl_search_r3.rl.trainer.contrastive_documents`);
 4. **evaluation**: :mod:`verl_search_r3.evaluate` — BM25 and the trained model with reasoning
    off and on, on the held-out queries; a table, ``report.json`` and ``results.png``.
 
@@ -44,24 +44,25 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import write_json
 from .data.beir import load_beir
 from .data.build import BuildOptions, build_pairs
 from .data.negatives import NegativeOptions
 from .embedding import last_hidden_states, pad_sequences
-from .encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, smollm2_path
 from .env import CorpusIndex, EnvConfig, RefreshPlanner, full_encode, load_corpus_texts
 from .evaluate import SystemResult, evaluate_retriever, markdown_table, plot_results
-from .atomic import write_json
-from .bm25 import BM25Retriever
 from .prompts import format_document, render_generation_prompt
-from .retrievers import DenseRetriever, SearchR3Queries, search_r3_index
-from .reward import RewardConfig, missing_token_score, relevance_from_ground_truth, score_ranking
-from .sft_reference import run_reference
+from .retrieval.bm25 import BM25Retriever
+from .retrieval.dense import DenseRetriever, SearchR3Queries, search_r3_index
+from .retrieval.encoder import SMOLLM2_GGUF_FILE, SearchR3Encoder, smollm2_path
+from .rl.agent_loop import force_embed_token
+from .rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, response_embeddings
+from .rl.reward import RewardConfig, missing_token_score, relevance_from_ground_truth, score_ranking
+from .rl.trainer import contrastive_documents, doc_key, pool_grades, reward_candidates
+from .rl.workers import ContrastiveConfig, search_r3_ppo_loss
+from .stage1.reference import run_reference
 from .tiny import build_tiny_qwen2
 from .tokens import add_embed_token
-from .trainer import contrastive_documents, doc_key, pool_grades, reward_candidates
-from .agent_loop import force_embed_token
-from .workers import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, ContrastiveConfig, response_embeddings, search_r3_ppo_loss
 
 __all__ = ["QuickstartConfig", "run_quickstart", "main"]
 
@@ -156,7 +157,7 @@ def prepare_data(cfg: QuickstartConfig, folder: str) -> tuple[str, str]:
 
 def stage1(model: PreTrainedModel, tok: PreTrainedTokenizerBase, data_dir: str, cfg: QuickstartConfig) -> list[dict[str, float]]:
     """A few Stage-1 optimizer steps (SFT + KL + InfoNCE + triplet) on the pairs."""
-    from .sft_data import GroupDataConfig
+    from .stage1.data import GroupDataConfig
 
     data_config = GroupDataConfig(num_negatives=cfg.num_negatives, query_max_length=64, doc_max_length=cfg.doc_max_length)
     return run_reference(

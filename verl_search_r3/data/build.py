@@ -15,13 +15,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..atomic import write_json
 from .beir import BeirPaths, convert_beir, iter_beir_corpus
 from .collection import Collection
 from .generic import FieldNames, convert_generic, dataset_name, iter_generic_documents
 from .issues import IssueLog
 from .msmarco import convert_msmarco
 from .negatives import NegativeOptions, mine_negatives
-from ..atomic import write_json
 from .outputs import AtomicFolder, write_pairs, write_rl
 from .readers import sha256_path
 from .titles import convert_titles

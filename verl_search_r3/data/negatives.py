@@ -11,8 +11,9 @@ every candidate, so it keeps none. Given negatives come first, mined ones fill u
 (``random``, kept in rank order).
 
 Memory: BM25 needs every text once while it indexes (:class:`BM25Retriever` takes a list); the
-dense searcher streams the corpus parquet in chunks and keeps only a running top-k per query
-(FAISS ``ResultHeap``), so its memory does not grow with the corpus.
+dense searcher streams the corpus parquet in chunks through
+:func:`~verl_search_r3.retrieval.dense.stream_search`, which keeps only a running top-k per query,
+so its memory does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ def _bm25_search(
     corpus_path: str, queries: list[str], k: int, opts: NegativeOptions, batch_rows: int, progress: bool
 ) -> Iterator[tuple[list[list[str]], np.ndarray]]:
     """BM25 rankings, one ``(ids, scores)`` per batch of queries."""
-    from ..bm25 import BM25Retriever
+    from ..retrieval.bm25 import BM25Retriever
 
     ids: list[str] = []
     texts: list[str] = []
@@ -123,37 +124,35 @@ def _dense_search(
     corpus_path: str, queries: list[str], k: int, opts: NegativeOptions, progress: bool
 ) -> Iterator[tuple[list[list[str]], np.ndarray]]:
     """Exact cosine rankings with a sentence-transformers model, streaming the corpus in chunks."""
-    import faiss
     import torch
-    from sentence_transformers import SentenceTransformer
 
-    device = opts.dense_device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = SentenceTransformer(opts.dense_model, device=device)
+    from ..retrieval.dense import SentenceTransformerEncoder, stream_search
 
-    def encode(texts: list[str], prefix: str) -> np.ndarray:
-        vecs = model.encode([prefix + t for t in texts], batch_size=opts.dense_batch_size, normalize_embeddings=True, convert_to_numpy=True)
-        return np.ascontiguousarray(vecs, dtype=np.float32)
-
-    q = encode(queries, opts.dense_query_prefix)
-    heap = faiss.ResultHeap(len(q), k, keep_max=True)
+    model = SentenceTransformerEncoder(
+        opts.dense_model,
+        device=opts.dense_device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        batch_size=opts.dense_batch_size,
+        show_progress=False,
+        query_prefix=opts.dense_query_prefix,
+        document_prefix=opts.dense_document_prefix,
+    )
     id_chunks: list[pa.Array] = []
-    offset = 0
     total = pq.ParquetFile(corpus_path).metadata.num_rows
-    with tqdm(total=total, unit="doc", desc="dense encode+search", disable=not progress, leave=False) as bar:
-        for doc_ids, texts in read_corpus_texts(corpus_path, opts.dense_corpus_chunk):
-            d = encode(texts, opts.dense_document_prefix)
-            scores, idx = faiss.knn(q, d, min(k, len(d)), metric=faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, idx + offset)
-            offset += len(d)
-            id_chunks.append(doc_ids)
-            bar.update(len(d))
-    heap.finalize()
+
+    def chunks() -> Iterator[np.ndarray]:
+        with tqdm(total=total, unit="doc", desc="dense encode+search", disable=not progress, leave=False) as bar:
+            for doc_ids, texts in read_corpus_texts(corpus_path, opts.dense_corpus_chunk):
+                id_chunks.append(doc_ids)
+                yield model.encode_documents(texts)
+                bar.update(len(texts))
+
+    scores, positions = stream_search(model.encode_queries(queries), chunks(), k)
     all_ids = pa.chunked_array(id_chunks)
-    width = min(k, offset)  # rows are padded with -1 past the corpus size
-    for start in range(0, len(q), opts.search_batch_size):
-        idx = heap.I[start : start + opts.search_batch_size, :width]
+    width = positions.shape[1]
+    for start in range(0, len(queries), opts.search_batch_size):
+        idx = positions[start : start + opts.search_batch_size]
         flat = all_ids.take(pa.array(idx.ravel())).to_pylist()
-        yield [flat[i * width : (i + 1) * width] for i in range(len(idx))], heap.D[start : start + opts.search_batch_size, :width]
+        yield [flat[i * width : (i + 1) * width] for i in range(len(idx))], scores[start : start + opts.search_batch_size]
 
 
 def _pick(pool: list[str], n: int, sampling: Sampling, rng: np.random.Generator) -> list[str]:

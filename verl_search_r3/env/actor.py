@@ -33,11 +33,11 @@ import faiss
 import numpy as np
 import ray
 
+from ..atomic import atomic_write_text
 from .backends import topk_merge
 from .config import EnvConfig
 from .index import CorpusIndex
 from .planner import EncodeFn, RefreshPlanner, RefreshResult, full_encode
-from ..atomic import atomic_write_text
 from .snapshot import SnapshotError, atomic_directory, read_manifest, write_snapshot_files
 from .store import StalenessStats
 

@@ -194,7 +194,7 @@ class RefreshResult:
 
     def candidates_field(self, query: int) -> dict[str, list]:
         """``{"doc_ids": [...], "scores": [...]}`` for ``query``: the per-rollout value of the
-        reward manager's ``verl_search_r3.reward.CANDIDATES_KEY`` field."""
+        reward manager's ``verl_search_r3.rl.reward.CANDIDATES_KEY`` field."""
         return {"doc_ids": list(self.doc_ids), "scores": self.scores[query].tolist()}
 
 

@@ -203,7 +203,7 @@ def build_index(opts: BuildIndexOptions) -> IndexManifest:
         env = _env_config(opts)
         _build_shards(opts, corpus, out.file(SNAPSHOT_DIR), env, model, num_docs)
         if model is None:
-            from ..bm25 import BM25Retriever
+            from ..retrieval.bm25 import BM25Retriever
 
             ids, texts = [], []
             for batch_ids, titles, bodies in _corpus_batches(corpus, opts.batch_rows):

@@ -32,8 +32,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..data.issues import DataFormatError, IssueLog
 from ..atomic import write_json
+from ..data.issues import DataFormatError, IssueLog
 from ..data.outputs import AtomicFolder
 from ..data.readers import TableKind, is_utf8, iter_records, sha256_path, text_field
 from .config import AGENT_NAME

@@ -20,8 +20,8 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..env import EnvConfig
 from ..atomic import atomic_write_text
+from ..env import EnvConfig
 
 __all__ = ["IndexManifest", "KINDS", "INDEX_MANIFEST", "CORPUS_FILE", "SNAPSHOT_DIR", "BM25_DIR", "MANIFEST_VERSION"]
 

@@ -1,7 +1,7 @@
 """Dense encoders of the search index: a sentence-transformers folder or a Search-R3 model.
 
-Both wrap the project's encoders (:class:`~verl_search_r3.retrievers.SentenceTransformerEncoder`,
-:class:`~verl_search_r3.encoder.SearchR3Encoder`) behind one interface, :class:`DenseModel`:
+Both wrap the project's encoders (:class:`~verl_search_r3.retrieval.dense.SentenceTransformerEncoder`,
+:class:`~verl_search_r3.retrieval.encoder.SearchR3Encoder`) behind one interface, :class:`DenseModel`:
 ``encode_documents`` (at index build time and when a ``policy`` index is re-encoded) and
 ``encode_queries`` (at search time), both returning unit vectors. Documents are embedded from
 ``format_document(title, text)``; Search-R3 queries reason first (``reasoning=True``).
@@ -87,7 +87,7 @@ class SentenceTransformerModel:
     """A sentence-transformers model folder (e.g. E5, MiniLM) as a :class:`DenseModel`."""
 
     def __init__(self, path: str, options: DenseModelOptions):
-        from ..retrievers import SentenceTransformerEncoder
+        from ..retrieval.dense import SentenceTransformerEncoder
 
         self.options = options
         self.encoder = SentenceTransformerEncoder(
@@ -107,7 +107,7 @@ class SearchR3Model:
     after a generated analysis (or directly with ``reasoning=False``)."""
 
     def __init__(self, path: str, options: DenseModelOptions):
-        from ..encoder import SearchR3Encoder
+        from ..retrieval.encoder import SearchR3Encoder
 
         self.options = options
         self.encoder = SearchR3Encoder.from_pretrained(

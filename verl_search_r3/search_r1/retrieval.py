@@ -158,7 +158,7 @@ class Retrieval:
                 raise ValueError(f"query model {path!r} is not the model {cfg.index_dir!r} was built with "
                                  f"(weights fingerprint {self._model.fingerprint[:12]} != {str(m.model_fingerprint)[:12]})")
         else:
-            from ..bm25 import BM25Retriever
+            from ..retrieval.bm25 import BM25Retriever
 
             self._bm25 = BM25Retriever.load(os.path.join(cfg.index_dir, BM25_DIR))
         self.index = self._open_index()

@@ -30,8 +30,8 @@ from omegaconf import OmegaConf
 from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
-from .config_utils import dataclass_from_dict
-from .tokens import embed_token_id
+from ..config_utils import dataclass_from_dict
+from ..tokens import embed_token_id
 
 __all__ = [
     "RewardConfig",
@@ -174,7 +174,7 @@ class SearchR3RewardManager(RewardManagerBase):
 
     Select with ``reward.reward_manager.name=search_r3`` (entry-point registration) or
     ``reward.reward_manager.source=importlib
-    reward.reward_manager.module.path=pkg://verl_search_r3.reward
+    reward.reward_manager.module.path=pkg://verl_search_r3.rl.reward
     reward.reward_manager.name=SearchR3RewardManager``. Knobs come from the config block
     ``search_r3.reward`` (:class:`RewardConfig` fields).
 

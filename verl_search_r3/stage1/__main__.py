@@ -1,12 +1,12 @@
-"""Search-R3 Stage 1 entry point: ``python -m verl_search_r3.sft`` (hydra; one process per GPU).
+"""Search-R3 Stage 1 entry point: ``python -m verl_search_r3.stage1`` (hydra; one process per GPU).
 
-    torchrun --standalone --nproc_per_node=8 -m verl_search_r3.sft \\
+    torchrun --standalone --nproc_per_node=8 -m verl_search_r3.stage1 \\
         --config-path recipes/config --config-name search_r3_sft \\
         data.train_files=pairs.parquet model.path=<instruct model folder>
 
 Stage 1 trains an instruct model into an embedder that still generates: SFT + KL to the base
 model + InfoNCE + triplet over (query, positive, hard negatives) groups, on verl's SFT trainer
-(:class:`~verl_search_r3.sft_trainer.SearchR3SFTTrainer`). The recipes are
+(:class:`~verl_search_r3.stage1.trainer.SearchR3SFTTrainer`). The recipes are
 ``recipes/run_sft_qwen7b.sh`` and ``recipes/run_sft_qwen1.5b.sh``; the keys are documented in
 ``recipes/README.md``. Without ``--config-name`` the config is verl's ``sft_trainer_engine`` and
 every Search-R3 key takes its default.
@@ -36,7 +36,7 @@ def run_sft(config: DictConfig) -> None:
     from verl.utils.device import auto_set_device
     from verl.utils.distributed import destroy_global_process_group, initialize_global_process_group
 
-    from .sft_trainer import SearchR3SFTTrainer
+    from .trainer import SearchR3SFTTrainer
 
     auto_set_device(config)
     initialize_global_process_group()

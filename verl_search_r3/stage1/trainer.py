@@ -1,17 +1,17 @@
-"""Search-R3 Stage 1 on verl's SFT trainer (run by ``python -m verl_search_r3.sft``).
+"""Search-R3 Stage 1 on verl's SFT trainer (run by ``python -m verl_search_r3.stage1``).
 
 ``SearchR3SFTTrainer`` is verl's ``SFTTrainer`` (``verl/trainer/sft_trainer.py``) with four
 pieces swapped in; the training loop, checkpointing, resume, validation and logging are verl's:
 
-* **data** — :class:`~verl_search_r3.sft_data.PairsGroupDataset` over ``pairs.parquet`` (one
-  item = one (query, positive, negatives) group) and :class:`~verl_search_r3.sft_data.GroupCollator`;
+* **data** — :class:`~verl_search_r3.stage1.data.PairsGroupDataset` over ``pairs.parquet`` (one
+  item = one (query, positive, negatives) group) and :class:`~verl_search_r3.stage1.data.GroupCollator`;
   every batch carries verl's ``force_group_size`` so micro-batches (fixed or dynamic size) hold
   whole groups, which in-batch negatives need;
 * **model** — if the tokenizer at ``model.path`` lacks ``<|embed_token|>``, rank 0 writes a copy
   with the token added and its row initialised (:func:`prepare_base_model`) and every rank trains
   from it; the policy engine also returns the unit hidden state at the embed token
-  (:func:`~verl_search_r3.workers.add_embedding_outputs`);
-* **loss** — :class:`~verl_search_r3.sft_loss.Stage1EngineLoss` (SFT + KL + InfoNCE + triplet);
+  (:func:`~verl_search_r3.rl.engine.add_embedding_outputs`);
+* **loss** — :class:`~verl_search_r3.stage1.loss.Stage1EngineLoss` (SFT + KL + InfoNCE + triplet);
 * **KL reference** — a frozen copy of the base model in a second, forward-only verl engine
   (``TrainingWorker``, parameters offloaded to CPU between uses by default), run on each batch
   before the policy step to get its top-k next-token log-probs on the assistant tokens. A frozen
@@ -22,7 +22,7 @@ pieces swapped in; the training loop, checkpointing, resume, validation and logg
 
 Output: ``checkpoint.save_contents`` must contain ``hf_model``; each checkpoint then holds
 ``global_step_<N>/huggingface`` — weights, config and the tokenizer with the embed token — usable
-as ``actor_rollout_ref.model.path`` in Stage 2 and by :class:`~verl_search_r3.encoder.SearchR3Encoder`.
+as ``actor_rollout_ref.model.path`` in Stage 2 and by :class:`~verl_search_r3.retrieval.encoder.SearchR3Encoder`.
 With ``search_r3.export_dir`` set, the final one is also copied there.
 """
 
@@ -46,11 +46,11 @@ from verl.utils.metric import Metric
 from verl.workers.config import TrainingWorkerConfig
 from verl.workers.engine_workers import TrainingWorker
 
-from .config_utils import dataclass_from_dict
-from .sft_data import GroupCollator, GroupDataConfig, PairsGroupDataset
-from .sft_loss import REF_IDS_KEY, REF_LOGP_KEY, Stage1EngineLoss, Stage1LossConfig, add_reference_topk_outputs, assign_group_counts
-from .tokens import EMBED_TOKEN, add_embed_token, embed_token_id
-from .workers import add_embedding_outputs
+from ..config_utils import dataclass_from_dict
+from ..rl.engine import add_embedding_outputs
+from ..tokens import EMBED_TOKEN, add_embed_token, embed_token_id
+from .data import GroupCollator, GroupDataConfig, PairsGroupDataset
+from .loss import REF_IDS_KEY, REF_LOGP_KEY, Stage1EngineLoss, Stage1LossConfig, add_reference_topk_outputs, assign_group_counts
 
 __all__ = [
     "Stage1Config",
@@ -79,7 +79,7 @@ class Stage1Config:
         export_dir: copy the final ``huggingface`` checkpoint folder here (the Stage-2
             ``actor_rollout_ref.model.path``); null = no copy.
         ref_param_offload: keep the frozen KL reference's parameters on CPU between batches.
-        loss: the loss terms, see :class:`~verl_search_r3.sft_loss.Stage1LossConfig`.
+        loss: the loss terms, see :class:`~verl_search_r3.stage1.loss.Stage1LossConfig`.
     """
 
     embed_token_init: str = "mean"
@@ -154,7 +154,7 @@ class Stage1TrainingWorker(TrainingWorker):
 
     Before verl splits a batch into micro-batches it sets ``force_group_size``, the global
     group counts, and — when a reference worker is given — the reference's top-k log-probs
-    (:data:`~verl_search_r3.sft_loss.REF_LOGP_KEY`) plus ``distillation_use_topk`` so the policy
+    (:data:`~verl_search_r3.stage1.loss.REF_LOGP_KEY`) plus ``distillation_use_topk`` so the policy
     forward hands its logits to the loss.
 
     Args:

@@ -52,9 +52,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .config_utils import dataclass_from_dict
-from .prompts import PromptTemplates, embed_prompt_ids, query_reasoning_messages, render_generation_prompt
-from .tokens import embed_token_id
+from ..config_utils import dataclass_from_dict
+from ..prompts import PromptTemplates, embed_prompt_ids, query_reasoning_messages, render_generation_prompt
+from ..tokens import embed_token_id
 
 __all__ = [
     "ROLE_QUERY",

@@ -2,9 +2,9 @@
 
 :class:`Stage1EngineLoss` is the ``loss_fn`` installed with ``TrainingWorker.set_loss_fn``. verl
 calls it once per micro-batch with ``model_output`` (per-token ``log_probs`` of the labels, plus
-:data:`~verl_search_r3.workers.EMBEDDING_KEY` from
-:func:`~verl_search_r3.workers.add_embedding_outputs`) and the micro-batch ``data`` (groups laid
-out by :mod:`verl_search_r3.sft_data`).
+:data:`~verl_search_r3.rl.engine.EMBEDDING_KEY` from
+:func:`~verl_search_r3.rl.engine.add_embedding_outputs`) and the micro-batch ``data`` (groups laid
+out by :mod:`verl_search_r3.stage1.data`).
 
 **KL term.** verl's ``model_output`` has no logits, and a log-ratio estimator on the *data*
 tokens (k1/k3, as verl's ``kl_penalty``) is the wrong tool here: those tokens are not samples
@@ -49,10 +49,10 @@ from verl.trainer.distillation.fsdp.losses import kl_divergence
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 
-from .config_utils import dataclass_from_dict
-from .losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, in_batch_accuracy
-from .sft_data import DOC_KEY, GROUP_KEY, RELEVANT_KEY, ROLE_KEY, VALID_KEY, check_groups, relevance_exclusion, split_groups
-from .workers import EMBEDDING_KEY
+from ..config_utils import dataclass_from_dict
+from ..losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, in_batch_accuracy
+from ..rl.engine import EMBEDDING_KEY
+from .data import DOC_KEY, GROUP_KEY, RELEVANT_KEY, ROLE_KEY, VALID_KEY, check_groups, relevance_exclusion, split_groups
 
 __all__ = [
     "REF_LOGP_KEY",

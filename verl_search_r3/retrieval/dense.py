@@ -4,9 +4,10 @@ Every retriever answers ``search(queries, k) -> (ids, scores)``: ``ids`` is a li
 at most ``k`` document ids, best first, ``scores`` a ``(Q, k')`` float32 array. The evaluation
 (:mod:`verl_search_r3.evaluate`) and the Search-R1 search tool use them alike.
 
-* BM25: :class:`verl_search_r3.bm25.BM25Retriever` (already has that interface).
+* BM25: :class:`verl_search_r3.retrieval.bm25.BM25Retriever` (already has that interface).
 * Dense: :class:`DenseRetriever` = a :class:`DenseIndex` (exact inner product, FAISS ``IndexFlatIP``;
-  vectors are unit norm, so this is cosine) + a query-encoding function. The corpus side is built
+  vectors are unit norm, so this is cosine) + a query-encoding function; :func:`stream_search` for
+  corpora streamed in chunks (memory independent of the corpus size). The corpus side is built
   by :func:`build_dense_index`, optionally through a :class:`VectorCache` on disk keyed by
   (encoder fingerprint, corpus hash, prompt, max length).
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import faiss
@@ -26,9 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_write
+from ..atomic import atomic_write
+from ..prompts import embed_prompt_ids, render_embed_prompt
 from .encoder import MissingPolicy, QueryEncoding, SearchR3Encoder
-from .prompts import embed_prompt_ids, render_embed_prompt
 
 __all__ = [
     "Retriever",
@@ -43,6 +44,7 @@ __all__ = [
     "search_r3_document_key",
     "search_r3_index",
     "sentence_transformer_retriever",
+    "stream_search",
 ]
 
 EncodeFn = Callable[[Sequence[str]], np.ndarray]
@@ -141,6 +143,35 @@ class DenseIndex:
         return [[self.ids[j] for j in row] for row in idx], scores
 
 
+def stream_search(query_vectors: np.ndarray, chunks: Iterable[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner product over a corpus that arrives in chunks of vectors.
+
+    Memory is ``O(Q·k)`` plus one chunk (FAISS ``ResultHeap``), whatever the corpus size.
+
+    Args:
+        query_vectors: ``(Q, H)``.
+        chunks: ``(n_i, H)`` arrays, in corpus order.
+        k: results per query.
+
+    Returns:
+        ``scores (Q, k')`` best first and ``positions (Q, k')`` int64 corpus positions (row of
+        the concatenated chunks), ``k' = min(k, N)``.
+    """
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    offset = 0
+    for vectors in chunks:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if not len(vectors):
+            continue
+        scores, idx = faiss.knn(queries, vectors, min(k, len(vectors)), metric=faiss.METRIC_INNER_PRODUCT)
+        heap.add_result(scores, idx + offset)
+        offset += len(vectors)
+    heap.finalize()
+    width = min(k, offset)  # rows are padded with -1 past the corpus size
+    return heap.D[:, :width], heap.I[:, :width].astype(np.int64)
+
+
 def build_dense_index(
     ids: Sequence[str],
     texts: Sequence[str],
@@ -175,7 +206,8 @@ class DenseRetriever:
 class SentenceTransformerEncoder:
     """A sentence-transformers model folder; vectors are L2-normalised float32.
 
-    Queries and documents use the model's ``"query"``/``"document"`` prompts when it defines them.
+    Queries and documents use the model's ``"query"``/``"document"`` prompts when it defines them,
+    or the given prefixes instead (e.g. ``"query: "`` / ``"passage: "`` for E5).
 
     Args:
         path: model folder (``modules.json`` or ``config.json``).
@@ -183,10 +215,19 @@ class SentenceTransformerEncoder:
         batch_size: texts per forward.
         max_length: override the model's ``max_seq_length``.
         show_progress: progress bars.
+        query_prefix, document_prefix: text prepended to queries / documents; when set, it
+            replaces the model's own prompt of that kind.
     """
 
     def __init__(
-        self, path: str, device: str | None = None, batch_size: int = 64, max_length: int | None = None, show_progress: bool = True
+        self,
+        path: str,
+        device: str | None = None,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        show_progress: bool = True,
+        query_prefix: str = "",
+        document_prefix: str = "",
     ):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"sentence-transformers folder {path!r} does not exist")
@@ -199,11 +240,14 @@ class SentenceTransformerEncoder:
             self.model.max_seq_length = max_length
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.prefixes = {"query": query_prefix, "document": document_prefix}
 
     def _encode(self, texts: Sequence[str], prompt_name: str) -> np.ndarray:
+        prefix = self.prefixes[prompt_name]
         return self.model.encode(
             list(texts),
-            prompt_name=prompt_name if prompt_name in self.model.prompts else None,
+            prompt=prefix or None,
+            prompt_name=prompt_name if not prefix and prompt_name in self.model.prompts else None,
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
@@ -224,7 +268,7 @@ class SentenceTransformerEncoder:
             "kind": "sentence-transformers",
             "model": module_fingerprint(self.model),
             "max_length": self.model.max_seq_length,
-            "prompt": self.model.prompts.get("document", ""),
+            "prompt": self.prefixes["document"] or self.model.prompts.get("document", ""),
         }
 
 
@@ -276,7 +320,7 @@ def search_r3_index(
 class SearchR3Queries:
     """Query side of a Search-R3 :class:`DenseRetriever`: ``encode_queries`` with fixed settings.
 
-    ``last`` keeps the most recent :class:`~verl_search_r3.encoder.QueryEncoding` (analyses,
+    ``last`` keeps the most recent :class:`~verl_search_r3.retrieval.encoder.QueryEncoding` (analyses,
     forced count) for reporting.
     """
 

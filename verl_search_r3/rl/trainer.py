@@ -2,7 +2,7 @@
 
 Selected with ``trainer.v1.trainer_mode=search_r3``. It is :class:`PPOTrainerSync` with:
 
-* the actor worker swapped for :class:`~verl_search_r3.workers.SearchR3ActorRolloutRefWorker`;
+* the actor worker swapped for :class:`~verl_search_r3.rl.workers.SearchR3ActorRolloutRefWorker`;
 * rewards computed *after* the old-log-prob pass (no streaming reward from the agent loop), so
   each step runs: rollout → old log-prob (+ query embeddings, same forward) → environment
   refresh and candidate ranking → reward → reference → GRPO advantages → actor update
@@ -41,24 +41,15 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.utils import tensordict_utils as tu
 from verl.utils.debug import marked_timer
 
-from .config_utils import dataclass_from_dict
-from .env import EnvConfig, RefreshResult
-from .env.actor import CorpusIndexClient
-from .env.corpus import load_corpus_texts
-from .prompts import embed_prompt_ids
+from ..config_utils import dataclass_from_dict
+from ..env import EnvConfig, RefreshResult
+from ..env.actor import CorpusIndexClient
+from ..env.corpus import load_corpus_texts
+from ..prompts import embed_prompt_ids
+from ..tokens import embed_token_id
+from .engine import DOC_IDS_KEY, DOC_MASK_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY, DOCS_KEY, EMBEDDING_KEY
 from .reward import CANDIDATES_KEY, RewardConfig, relevance_from_ground_truth
-from .tokens import embed_token_id
-from .workers import (
-    DOC_IDS_KEY,
-    DOC_MASK_KEY,
-    DOC_TOKEN_LENGTHS_KEY,
-    DOC_TOKENS_KEY,
-    DOCS_KEY,
-    EMBEDDING_KEY,
-    ContrastiveConfig,
-    SearchR3ActorRolloutRefWorker,
-    document_batch,
-)
+from .workers import ContrastiveConfig, SearchR3ActorRolloutRefWorker, document_batch
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +80,7 @@ class SearchR3Settings:
             value >= k, ranks beyond it are reported as just past it.
         val_refresh: refresh candidates with the current policy before ranking validation queries.
         reward, rollout, contrastive, env: sub-blocks (:class:`RewardConfig`,
-            :class:`~verl_search_r3.agent_loop.RolloutConfig`, :class:`ContrastiveConfig`
+            :class:`~verl_search_r3.rl.agent_loop.RolloutConfig`, :class:`ContrastiveConfig`
             + ``num_negatives``, :class:`EnvConfig`).
     """
 
@@ -363,7 +354,7 @@ class SearchR3Trainer(PPOTrainerSync):
 
     def _rank_without_refresh(self, query_vecs: np.ndarray, relevant_ids: list[list[str]]) -> RefreshResult:
         """Rank against the stored (possibly stale) vectors: candidates plus relevant docs, no encoding."""
-        from .env.planner import RefreshPlanner
+        from ..env.planner import RefreshPlanner
 
         planner = RefreshPlanner(self.search_r3.env.replace(budget=0, staleness_tolerance=1 << 30, full_refresh_every=0))
         return planner.refresh(self.env, query_vecs, relevant_ids, self.policy_version, self._encode_documents)

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .embedding import gather_embeddings, last_hidden_states, last_token_positions, pad_sequences
-from .prompts import DEFAULT_TEMPLATES, EmbedKind, PromptTemplates, embed_prompt_ids, render_generation_prompt
-from .tokens import add_embed_token
+from ..embedding import gather_embeddings, last_hidden_states, last_token_positions, pad_sequences
+from ..prompts import DEFAULT_TEMPLATES, EmbedKind, PromptTemplates, embed_prompt_ids, render_generation_prompt
+from ..tokens import add_embed_token
 
 __all__ = [
     "SMOLLM2_GGUF_FILE",

@@ -26,8 +26,8 @@ from omegaconf import OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopOutput, register
 from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
 
-from .config_utils import dataclass_from_dict
-from .tokens import embed_token_id
+from ..config_utils import dataclass_from_dict
+from ..tokens import embed_token_id
 
 __all__ = ["RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token", "force_embed_token"]
 

@@ -1,9 +1,9 @@
 """A single-process reference run of Stage 1: same data path, same loss, plain PyTorch, no FSDP.
 
 :func:`run_reference` trains a Hugging Face causal LM for a few optimizer steps on
-``pairs.parquet`` groups exactly as ``python -m verl_search_r3.sft`` does on GPUs —
-:class:`~verl_search_r3.sft_data.PairsGroupDataset` and
-:class:`~verl_search_r3.sft_data.GroupCollator` for the data, the Stage-1 objective for the loss —
+``pairs.parquet`` groups exactly as ``python -m verl_search_r3.stage1`` does on GPUs —
+:class:`~verl_search_r3.stage1.data.PairsGroupDataset` and
+:class:`~verl_search_r3.stage1.data.GroupCollator` for the data, the Stage-1 objective for the loss —
 with two differences that do not change the maths: the whole batch is one micro-batch, and the
 KL term is the exact full-vocabulary :func:`~verl_search_r3.losses.token_kl` (the engine keeps
 the reference's top ``kl_topk`` tokens) against a frozen copy of the starting model. It runs on
@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from .embedding import gather_embeddings, last_token_positions, pad_sequences
-from .sft_data import (
+from ..embedding import gather_embeddings, last_token_positions, pad_sequences
+from ..tokens import embed_token_id
+from .data import (
     DOC_KEY,
     RELEVANT_KEY,
     VALID_KEY,
@@ -34,8 +35,7 @@ from .sft_data import (
     relevance_exclusion,
     split_groups,
 )
-from .sft_loss import Stage1LossConfig
-from .tokens import embed_token_id
+from .loss import Stage1LossConfig
 
 __all__ = ["PairsLike", "stage1_forward", "reference_loss", "run_reference"]
 
@@ -139,8 +139,8 @@ def run_reference(
         tokenizer: its tokenizer.
         pairs: ``pairs.parquet`` path(s), a table or row dicts.
         steps, batch_size, lr: optimisation.
-        loss_config: the loss (default: :class:`~verl_search_r3.sft_loss.Stage1LossConfig`).
-        data_config: the dataset (default: :class:`~verl_search_r3.sft_data.GroupDataConfig`).
+        loss_config: the loss (default: :class:`~verl_search_r3.stage1.loss.Stage1LossConfig`).
+        data_config: the dataset (default: :class:`~verl_search_r3.stage1.data.GroupDataConfig`).
         eval_groups: size of the fixed evaluation batch.
         eval_split: ``split`` of the evaluation rows; None = ``data_config.val_split``.
         seed: shuffling and initialisation seed.

@@ -1,0 +1,181 @@
+"""Query and document embeddings as outputs of verl's FSDP engine (both training stages).
+
+:func:`add_embedding_outputs` swaps the class of an FSDP LM-head engine
+(``verl/workers/engine/fsdp/transformer_impl.py``) for a subclass whose ``prepare_model_outputs``
+also returns ``model_output[EMBEDDING_KEY]``: the final-norm hidden state (captured by a forward
+hook, see :class:`~verl_search_r3.embedding.FinalNormCapture`) at the last ``<|embed_token|>`` of
+each *response*, L2-normalised, ``(B, H)``; a zero row when the response has no embed token.
+Because verl writes every ``model_output`` field of ``compute_log_prob`` into TransferQueue, the
+old-log-prob pass of Stage 2 stores the query embeddings with no extra forward pass, for both the
+packed (remove-padding) and padded layouts; Stage 1's loss reads the same field.
+
+With the document prompts in the micro-batch (:data:`DOC_TOKENS_KEY`) and gradients enabled, the
+engine also re-encodes the documents in the training forward (:data:`DOC_EMBEDDING_KEY`,
+:func:`document_embeddings`), so a contrastive gradient flows through the document side.
+
+Ulysses sequence parallelism (SP > 1) is refused: the hook sees only the local shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+from torch import Tensor
+from verl.utils import tensordict_utils as tu
+
+from ..embedding import FinalNormCapture, gather_embeddings, last_token_positions, last_token_positions_nested, pad_sequences
+
+__all__ = [
+    "EMBEDDING_KEY",
+    "DOCS_KEY",
+    "DOC_IDS_KEY",
+    "DOC_MASK_KEY",
+    "DOC_TOKENS_KEY",
+    "DOC_TOKEN_LENGTHS_KEY",
+    "DOC_EMBEDDING_KEY",
+    "response_embeddings",
+    "document_embeddings",
+    "add_embedding_outputs",
+    "dense",
+]
+
+EMBEDDING_KEY = "search_r3_embedding"
+"""``model_output`` / TransferQueue field: ``(B, H)`` unit query embeddings, zero rows where missing."""
+DOCS_KEY = "search_r3_docs"
+"""Per-sample fresh document vectors ``(B, 1 + N, H)``: row 0 the positive, then N hard negatives."""
+DOC_IDS_KEY = "search_r3_doc_ids"
+"""``(B, 1 + N)`` int64 document keys aligned with :data:`DOCS_KEY` (equal keys = same document)."""
+DOC_MASK_KEY = "search_r3_doc_mask"
+"""``(B, 1 + N)`` bool, False for padding rows of :data:`DOCS_KEY`."""
+DOC_TOKENS_KEY = "search_r3_doc_tokens"
+"""Nested ``(B, j)`` int64: the document prompts of a sample's 1 + N documents, concatenated
+(only with ``ContrastiveConfig.doc_grad``)."""
+DOC_TOKEN_LENGTHS_KEY = "search_r3_doc_token_lengths"
+"""``(B, 1 + N)`` int64 lengths of the prompts in :data:`DOC_TOKENS_KEY` (0 for padding rows)."""
+DOC_EMBEDDING_KEY = "search_r3_doc_embedding"
+"""``model_output`` field: ``(B, 1 + N, H)`` document embeddings with gradient (``doc_grad``)."""
+
+
+def response_embeddings(
+    hidden: Tensor,
+    input_ids: Tensor,
+    token_id: int,
+    prompt_lengths: Tensor | None = None,
+    packed: bool = True,
+) -> Tensor:
+    """Unit embeddings at the last embed token of each response.
+
+    Args:
+        hidden: final-norm output; packed ``(1, T', H)`` with ``T' >= T`` (trailing pad is
+            ignored) or padded ``(B, L, H)`` right-padded as verl's no-remove-padding path does.
+        input_ids: jagged nested ``(B, j)`` token ids (prompt + response, no padding).
+        token_id: the embed token id.
+        prompt_lengths: ``(B,)``; tokens before it are not searched (the reasoning prompt quotes
+            the token). None searches the whole sequence (document prompts).
+        packed: layout of ``hidden``.
+
+    Returns:
+        ``(B, H)``; zero rows where no embed token was found.
+    """
+    pos, found = last_token_positions_nested(input_ids, token_id, start=prompt_lengths)
+    if packed:
+        return gather_embeddings(hidden.reshape(-1, hidden.shape[-1]), pos, found)
+    local = pos - input_ids.offsets()[:-1].to(pos.device)
+    return gather_embeddings(hidden, local.clamp(min=0), found)
+
+
+def document_embeddings(
+    module: torch.nn.Module,
+    capture: FinalNormCapture,
+    token_id: int,
+    tokens: Tensor,
+    lengths: Tensor,
+    doc_keys: Tensor,
+) -> Tensor:
+    """Embed each sample's documents with ``module`` (gradient kept), each distinct document once.
+
+    Args:
+        module: the causal LM (the engine's module; its final norm is hooked by ``capture``).
+        capture: the final-norm hook.
+        token_id: the embed token id.
+        tokens: nested ``(B, j)``: per sample, its document prompts concatenated.
+        lengths: ``(B, K)`` prompt lengths (0 = padding row).
+        doc_keys: ``(B, K)`` document keys; equal keys are encoded once.
+
+    Returns:
+        ``(B, K, H)`` unit embeddings; zero rows for padding.
+    """
+    lengths = lengths.long().cpu()
+    keys = doc_keys.long().cpu()
+    index: dict[int, int] = {}  # document key -> row of the unique batch
+    prompts: list[list[int]] = []
+    slot = torch.zeros_like(keys)
+    for i, row in enumerate(tokens.unbind()):
+        for k, piece in enumerate(torch.split(row.cpu(), lengths[i].tolist())):
+            if lengths[i, k] > 0:
+                key = int(keys[i, k])
+                if key not in index:
+                    index[key] = len(prompts)
+                    prompts.append(piece.tolist())
+                slot[i, k] = index[key]
+    device = tokens.device
+    ids, mask = pad_sequences(prompts, pad_id=0, side="right")
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    module(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device), use_cache=False)
+    hidden = capture.pop()
+    pos, found = last_token_positions(ids.to(device), token_id, mask.to(device))
+    emb = gather_embeddings(hidden, pos, found)
+    valid = (lengths > 0).to(device)
+    return emb[slot.to(device)] * valid[..., None].to(emb.dtype)
+
+
+def _embedding_engine_class(base: type) -> type:
+    """A subclass of the engine class ``base`` that adds :data:`EMBEDDING_KEY` to model outputs."""
+
+    class _EmbeddingOutputs(base):  # type: ignore[misc, valid-type]
+        search_r3_capture: FinalNormCapture
+        search_r3_token_id: int
+
+        def prepare_model_outputs(self, output, output_args, micro_batch: TensorDict, logits_processor_func):
+            model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+            hidden = self.search_r3_capture.pop()
+            packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+            prompt_lengths = micro_batch["prompts"].offsets().diff() if "prompts" in micro_batch.keys() else None
+            model_output[EMBEDDING_KEY] = response_embeddings(
+                hidden, micro_batch["input_ids"], self.search_r3_token_id, prompt_lengths, packed=packed
+            )
+            if torch.is_grad_enabled() and DOC_TOKENS_KEY in micro_batch.keys():
+                model_output[DOC_EMBEDDING_KEY] = document_embeddings(
+                    self.module, self.search_r3_capture, self.search_r3_token_id, micro_batch[DOC_TOKENS_KEY],
+                    dense(micro_batch[DOC_TOKEN_LENGTHS_KEY]), dense(micro_batch[DOC_IDS_KEY]),
+                )
+            return model_output
+
+    _EmbeddingOutputs.__name__ = f"SearchR3{base.__name__}"
+    _EmbeddingOutputs.__qualname__ = _EmbeddingOutputs.__name__
+    return _EmbeddingOutputs
+
+
+def add_embedding_outputs(engine: Any, module: torch.nn.Module, token_id: int) -> None:
+    """Make ``engine`` (an FSDP LM-head engine, or any with ``prepare_model_outputs``) emit embeddings.
+
+    Installs a forward hook on the final norm of ``module`` and swaps ``engine.__class__`` for
+    a subclass; idempotent.
+    """
+    sp = getattr(engine, "ulysses_sequence_parallel_size", 1)
+    if sp > 1:
+        raise ValueError(
+            f"search_r3 reads hidden states at the embed token and supports ulysses_sequence_parallel_size=1 "
+            f"only (got {sp}); set actor_rollout_ref.actor.ulysses_sequence_parallel_size=1"
+        )
+    if getattr(engine, "search_r3_capture", None) is None:
+        engine.search_r3_capture = FinalNormCapture(module).attach()
+        engine.__class__ = _embedding_engine_class(type(engine))
+    engine.search_r3_token_id = token_id
+
+
+def dense(value: Tensor) -> Tensor:
+    """A jagged nested tensor as a zero-padded dense one; dense tensors pass through."""
+    return value.to_padded_tensor(0) if value.is_nested else value
