@@ -256,3 +256,29 @@ def test_doc_grad_reencodes_documents_with_gradient(engine_and_model):
     torch.testing.assert_close(grad_loss, stored_loss, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(doc_grad, stored_grad, atol=1e-7)
 
+
+def test_contrastive_fields_survive_verl_micro_batching():
+    """3-D jagged fields come back per row after verl's real batch split (the step-1 crash)."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.utils import prepare_micro_batches
+
+    from verl_search_r3.rl.engine import dense
+
+    B, K, H = 8, 3, 4
+    docs = torch.randn(B, K, H)
+    ids = torch.arange(B * K).reshape(B, K)
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[5, 2] = 0
+
+    def nested(t):
+        return torch.nested.as_nested_tensor(list(t), layout=torch.jagged)
+
+    batch = tu.get_tensordict({DOCS_KEY: nested(docs), DOC_IDS_KEY: nested(ids), DOC_MASK_KEY: nested(mask), "row": torch.arange(B)})
+    tu.assign_non_tensor(batch, use_dynamic_bsz=False, micro_batch_size_per_gpu=2)
+    micro_batches, _ = prepare_micro_batches(batch)
+    assert len(micro_batches) == 4
+    for mb in micro_batches:
+        rows = mb["row"]
+        assert dense(mb[DOCS_KEY]).shape == (2, K, H)
+        torch.testing.assert_close(dense(mb[DOCS_KEY]), docs[rows])
+        assert torch.equal(dense(mb[DOC_IDS_KEY]), ids[rows]) and torch.equal(dense(mb[DOC_MASK_KEY]), mask[rows])

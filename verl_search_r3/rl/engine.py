@@ -177,5 +177,13 @@ def add_embedding_outputs(engine: Any, module: torch.nn.Module, token_id: int) -
 
 
 def dense(value: Tensor) -> Tensor:
-    """A jagged nested tensor as a zero-padded dense one; dense tensors pass through."""
-    return value.to_padded_tensor(0) if value.is_nested else value
+    """A jagged nested tensor as a zero-padded dense one, row by row; dense tensors pass through.
+
+    Padding each row (not ``to_padded_tensor``) matters for 3-D fields such as :data:`DOCS_KEY`
+    ``(B, 1 + N, H)``: after verl splits a batch into mini/micro-batches
+    (``tu.chunk_tensordict``), ``to_padded_tensor`` of a chunk sizes the ragged dimension by the
+    whole batch's rows, e.g. ``(2, 6, H)`` for a 2-row chunk of ``(B, 3, H)``.
+    """
+    if not value.is_nested:
+        return value
+    return torch.nn.utils.rnn.pad_sequence(list(value.unbind()), batch_first=True)

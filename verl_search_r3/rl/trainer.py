@@ -47,7 +47,7 @@ from ..env.actor import CorpusIndexClient
 from ..env.corpus import load_corpus_texts
 from ..prompts import embed_prompt_ids
 from ..tokens import embed_token_id
-from .engine import DOC_IDS_KEY, DOC_MASK_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY, DOCS_KEY, EMBEDDING_KEY
+from .engine import DOC_IDS_KEY, DOC_MASK_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY, DOCS_KEY, EMBEDDING_KEY, dense
 from .reward import CANDIDATES_KEY, RewardConfig, relevance_from_ground_truth
 from .workers import ContrastiveConfig, SearchR3ActorRolloutRefWorker, document_batch
 
@@ -252,9 +252,7 @@ class SearchR3Trainer(PPOTrainerSync):
         micro = 1 if rollout.log_prob_use_dynamic_bsz else int(rollout.log_prob_micro_batch_size_per_gpu)
         batch = document_batch(ids, pad_to_multiple=self._actor_dp_size() * micro)
         output = self.actor_rollout_wg.encode_documents(batch)
-        emb = output[EMBEDDING_KEY]
-        emb = emb.to_padded_tensor(0.0) if emb.is_nested else emb
-        return emb[: len(texts)].float().numpy()
+        return dense(output[EMBEDDING_KEY])[: len(texts)].float().numpy()
 
     # ------------------------------------------------------------------ the step
     @property
@@ -299,8 +297,7 @@ class SearchR3Trainer(PPOTrainerSync):
         s = self.search_r3
         fields = [EMBEDDING_KEY, "prompts", "responses", "reward_model", "data_source"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
-        emb = data[EMBEDDING_KEY]
-        query_vecs = (emb.to_padded_tensor(0.0) if emb.is_nested else emb).float().numpy()
+        query_vecs = dense(data[EMBEDDING_KEY]).float().numpy()
         reward_models = list(data["reward_model"])
         relevance = [relevance_from_ground_truth(rm["ground_truth"]) for rm in reward_models]
         relevant_ids = [[d for d, g in rel.items() if g >= s.reward.min_grade] for rel in relevance]
