@@ -198,3 +198,29 @@ def test_stage1_loss_skips_zero_weights_and_names_missing_inputs():
         Stage1Loss(kl_weight=0, triplet_weight=0)(query=q, positive=p)
     with pytest.raises(ValueError, match="triplet term .* negatives"):
         Stage1Loss(sft_weight=0, kl_weight=0)(query=q, positive=p)
+
+
+def _close_vectors(n: int, dim: int = 64, spread: float = 0.3, seed: int = 5) -> torch.Tensor:
+    """Unit vectors around one direction: cosines near 1, logits near 1/τ, as trained embeddings give."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(dim, generator=g)
+    return F.normalize(base + spread * torch.randn(n, dim, generator=g), dim=-1)
+
+
+def test_contrastive_terms_are_float32_under_bf16_autocast():
+    """verl calls the loss inside its bf16 autocast block: the terms must equal the fp32 ones
+    (bf16 logits of cos/τ at τ=0.05 are off by up to 0.06, the size of real positive/negative gaps)."""
+    v = _close_vectors(4 + 4 + 4 * 3)
+    q, p, n = v[:4], v[4:8], v[8:].view(4, 3, -1)
+    nce, triplet = InfoNCELoss(temperature=0.05, symmetric=True), TripletMarginLoss(margin=0.01, reduction="max")
+    want_scores, _ = nce.scores(q, p, n)
+    want_nce, want_triplet = nce(q, p, n), triplet(q, p, n)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores, _ = nce.scores(q, p, n)
+        got_nce, got_triplet = nce(q, p, n), triplet(q, p, n)
+        stage1 = Stage1Loss(sft_weight=0, kl_weight=0, temperature=0.05, margin=0.01)(query=q, positive=p, negatives=n)
+    torch.testing.assert_close(got_nce, want_nce, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores, want_scores, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got_triplet, want_triplet, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stage1.parts["infonce"], InfoNCELoss(0.05)(q, p, n), atol=1e-5, rtol=0)
+    torch.testing.assert_close(stage1.parts["triplet"], TripletMarginLoss(0.01)(q, p, n), atol=1e-6, rtol=0)

@@ -276,3 +276,21 @@ def test_infonce_exclude_removes_candidates_in_both_directions():
     backward[1, 0] = float("-inf")
     want = (F.cross_entropy(forward, labels) + F.cross_entropy(backward, labels)) / 2
     torch.testing.assert_close(got, want)
+
+
+def test_embedding_terms_and_metrics_are_float32_under_bf16_autocast(qwen_tokenizer):
+    """verl runs the loss inside its bf16 autocast block; InfoNCE, triplet and the cosine metrics
+    must equal their fp32 values (bf16 cos/τ logits at τ=0.05 are off by up to 0.06)."""
+    ds = PairsGroupDataset(pairs(), qwen_tokenizer, DATA)
+    data = tu.get_tensordict(GroupCollator()([ds[i] for i in range(len(ds))]), {"temperature": 1.0})
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].values().sum()))
+    assign_group_counts(data, ds.group_size)
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(64, generator=g) + 0.3 * torch.randn(len(data), 64, generator=g), dim=-1)
+    loss_fn = Stage1EngineLoss(Stage1LossConfig(sft_weight=0, kl_weight=0, margin=0.01), ds.group_size)
+    want_loss, want = loss_fn(model_output={EMBEDDING_KEY: emb}, data=data)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_loss, got = loss_fn(model_output={EMBEDDING_KEY: emb}, data=data)
+    torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=0)
+    for key in ("infonce", "triplet", "accuracy", "pos_cos", "neg_cos"):
+        assert got[f"search_r3/{key}"].aggregate() == pytest.approx(want[f"search_r3/{key}"].aggregate(), abs=1e-6), key

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "cosine_similarity_matrix",
+    "group_cosine_similarity",
     "InfoNCELoss",
     "TripletMarginLoss",
     "sft_cross_entropy",
@@ -34,9 +35,24 @@ __all__ = [
 IdsLike = Tensor | Sequence[int] | Sequence[str]
 
 
+def _no_autocast(t: Tensor) -> torch.autocast:
+    """Autocast off on ``t``'s device. verl calls losses inside its bf16 autocast block, where a
+    float32 matmul still returns bf16: at τ = 0.05 a logit cos/τ near 20 moves by up to 0.06,
+    the size of a real positive vs hard-negative gap."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def cosine_similarity_matrix(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
-    """``(P, H) x (M, H) -> (P, M)`` cosine similarities (float32)."""
-    return F.normalize(a.float(), dim=-1, eps=eps) @ F.normalize(b.float(), dim=-1, eps=eps).T
+    """``(P, H) x (M, H) -> (P, M)`` cosine similarities in float32, also under autocast."""
+    with _no_autocast(a):
+        return F.normalize(a.float(), dim=-1, eps=eps) @ F.normalize(b.float(), dim=-1, eps=eps).T
+
+
+def group_cosine_similarity(query: Tensor, docs: Tensor, eps: float = 1e-12) -> Tensor:
+    """``(B, H) x (B, N, H) -> (B, N)``: each query against its own documents, float32, also under autocast."""
+    with _no_autocast(query):
+        q = F.normalize(query.float(), dim=-1, eps=eps)
+        return torch.einsum("bh,bnh->bn", q, F.normalize(docs.float(), dim=-1, eps=eps))
 
 
 def _as_id_tensors(positive_ids: IdsLike | None, negative_ids: IdsLike | None, device: torch.device) -> tuple[Tensor | None, Tensor | None]:
@@ -197,9 +213,8 @@ class TripletMarginLoss(nn.Module):
         query_mask: Tensor | None = None,
     ) -> Tensor:
         """``query (B, H)``, ``positive (B, H)``, ``negatives (B, N, H)``, masks ``(B, N)`` / ``(B,)``."""
-        q = F.normalize(query.float(), dim=-1)
-        pos_sim = (q * F.normalize(positive.float(), dim=-1)).sum(-1)  # (B,)
-        neg_sim = torch.einsum("bh,bnh->bn", q, F.normalize(negatives.float(), dim=-1))  # (B, N)
+        pos_sim = group_cosine_similarity(query, positive[:, None])[:, 0]  # (B,)
+        neg_sim = group_cosine_similarity(query, negatives)  # (B, N)
         hinge = F.relu(neg_sim - pos_sim[:, None] + self.margin)
         valid = torch.ones_like(hinge, dtype=torch.bool) if negatives_mask is None else negatives_mask.bool()
         if query_mask is not None:

@@ -50,7 +50,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 
 from ..config_utils import dataclass_from_dict
-from ..losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, in_batch_accuracy
+from ..losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, group_cosine_similarity, in_batch_accuracy
 from ..rl.engine import EMBEDDING_KEY
 from .data import DOC_KEY, GROUP_KEY, RELEVANT_KEY, ROLE_KEY, VALID_KEY, check_groups, relevance_exclusion, split_groups
 
@@ -331,9 +331,8 @@ class Stage1EngineLoss:
             scores, labels = self.infonce.scores(*args, exclude=exclude)
             accuracy = in_batch_accuracy(scores, labels, found) * n_found * group_scale
             metrics["search_r3/accuracy"] = _sum_metric(accuracy)
-            q = F.normalize(query.float(), dim=-1)
-            pos_cos = (q * F.normalize(positive.float(), dim=-1)).sum(-1)[found].sum() * group_scale
-            neg_cos = torch.einsum("bh,bnh->bn", q, F.normalize(negatives.float(), dim=-1))[negatives_mask].sum()
+            pos_cos = group_cosine_similarity(query, positive[:, None])[:, 0][found].sum() * group_scale
+            neg_cos = group_cosine_similarity(query, negatives)[negatives_mask].sum()
             metrics["search_r3/pos_cos"] = _sum_metric(pos_cos)
             metrics["search_r3/neg_cos"] = _sum_metric(neg_cos * dp_size / max(data[NUM_PAIRS_KEY], 1))
         return total, metrics
