@@ -6,7 +6,8 @@
 
 The work is done by :func:`verl_search_r3.data.build.build_pairs`; this script only maps flags to
 :class:`~verl_search_r3.data.build.BuildOptions` and prints the summary. Exit status: 0 done,
-1 bad input data or paths (message names file, line and field), 2 bad options, 130 interrupted.
+1 bad input data or paths (message names file, line and field), 2 bad options, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM); an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from verl_search_r3.atomic import exit_status, sigterm_as_interrupt  # noqa: E402
 from verl_search_r3.data.build import FORMATS, GROUND_TRUTH_DOC, BuildOptions, BuildReport, build_pairs  # noqa: E402
 from verl_search_r3.data.generic import FieldNames  # noqa: E402
-from verl_search_r3.data.issues import SKIP_REASONS, DataFormatError  # noqa: E402
+from verl_search_r3.data.issues import SKIP_REASONS  # noqa: E402
 from verl_search_r3.data.negatives import NegativeOptions  # noqa: E402
 
 EPILOG = f"""\
@@ -197,13 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # bm25s sets its own logger to DEBUG; show warnings only
         handler.setLevel(logging.WARNING)
     try:
-        report = build_pairs(opts)
-    except (DataFormatError, OSError) as e:
+        with sigterm_as_interrupt():
+            report = build_pairs(opts)
+    except (ValueError, OSError) as e:  # DataFormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the temporary output is already removed
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return exit_status(e)
     print(summary(report))
     return 0
 

@@ -8,7 +8,7 @@
 The work is done by :func:`verl_search_r3.search_r1.data.build_qa_data`; this script maps flags
 to :class:`~verl_search_r3.search_r1.data.QADataOptions` and prints the summary. Exit status:
 0 done, 1 bad input data or paths (message names file, line and field), 2 bad options, 130
-interrupted.
+interrupted (Ctrl-C), 143 terminated (SIGTERM); an interrupted run leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import argparse
 import logging
 import sys
 
-from verl_search_r3.data.issues import SKIP_REASONS, DataFormatError
+from verl_search_r3.atomic import exit_status, sigterm_as_interrupt
+from verl_search_r3.data.issues import SKIP_REASONS
+from verl_search_r3.data.outputs import check_distinct
 from verl_search_r3.search_r1.data import QADataOptions, QADataReport, build_qa_data, parse_source
 
 EPILOG = """\
@@ -52,7 +54,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-split", default=None, help="split of a saved DatasetDict (datasets folders)")
     p.add_argument("--no-question-mark", action="store_true", help="do not append '?' to questions without one")
     p.add_argument("--instruction-file", default=None, metavar="FILE",
-                   help="prompt template file with {question} (default: the built-in instruction)")
+                   help="prompt template file; its {question} is replaced by the question, other braces are kept "
+                   "as written (default: the built-in instruction)")
     p.add_argument("--ability", default=d["ability"].default, help="ability column (default: %(default)s)")
     p.add_argument("--agent-name", default=d["agent_name"].default, help="agent loop of every row (default: %(default)s)")
     p.add_argument("--tool-name", default=d["tool_name"].default, help="search tool name in tools_kwargs (default: %(default)s)")
@@ -68,6 +71,7 @@ def options(args: argparse.Namespace) -> QADataOptions:
     """Map parsed flags to :class:`QADataOptions` (``ValueError`` / ``OSError`` on bad values)."""
     extra = {}
     if args.instruction_file is not None:
+        check_distinct(args.output, [args.instruction_file])
         with open(args.instruction_file, encoding="utf-8") as f:
             extra["instruction"] = f.read()
     return QADataOptions(
@@ -112,13 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        report = build_qa_data(opts)
-    except (DataFormatError, OSError, ValueError) as e:
+        with sigterm_as_interrupt():
+            report = build_qa_data(opts)
+    except (OSError, ValueError) as e:  # DataFormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the temporary output is already removed
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return exit_status(e)
     print(summary(report))
     return 0
 

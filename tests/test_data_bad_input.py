@@ -88,7 +88,7 @@ SKIP_CASES = {
     "grade that is not a number": (
         lambda t: msmarco(t, b"d1\tflutter\n", qrels="q1\t0\td1\t1\nq1\t0\td1\thigh\n"),
         "invalid_field",
-        r"qrels\.train\.tsv:2: field 'rel' is not a number",
+        r"qrels\.train\.tsv:2: field 'rel' is not a whole number",
     ),
     "empty text": (
         lambda t: beir(t, corpus=[*GOOD_CORPUS, {"_id": "d4", "title": "", "text": "  "}]),

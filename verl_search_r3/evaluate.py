@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pytrec_eval
 
-from .atomic import atomic_write, write_json
+from .atomic import atomic_write, check_writable, exit_status, sigterm_as_interrupt, write_json
 from .data.beir import BeirData, load_beir
 from .prompts import format_document
 from .retrieval.bm25 import BM25Retriever
@@ -47,6 +47,7 @@ __all__ = [
     "markdown_table",
     "plot_results",
     "main",
+    "cli",
 ]
 
 
@@ -235,8 +236,17 @@ def _build_systems(
 
 
 def main(argv: Sequence[str] | None = None) -> list[SystemResult]:
-    """Run the command line; returns the results (also printed and written)."""
+    """Run the command line; returns the results (also printed and written).
+
+    Output paths are checked before anything is evaluated; errors are raised (see :func:`cli`
+    for the exit-status contract).
+    """
     args = _parse_args(argv)
+    for what, path in (("--output", args.output), ("--plot", args.plot), ("--analyses", args.analyses)):
+        if path:
+            check_writable(path, what)
+    if args.output and not args.plot:
+        check_writable(os.path.splitext(args.output)[0] + ".png", "plot")
     data = load_beir(args.data, args.split)
     queries = data.judged_queries()
     if args.max_queries is not None:
@@ -271,8 +281,20 @@ def main(argv: Sequence[str] | None = None) -> list[SystemResult]:
     return results
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> int:
+    """:func:`main` with the command-line contract: exit 0 done, 1 bad data, paths or model (a
+    message, no traceback), 2 bad options, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
     try:
-        main()
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        with sigterm_as_interrupt():
+            main(argv)
+    except (OSError, ValueError) as e:  # DataFormatError and SnapshotError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:
+        print("interrupted; no result file was written", file=sys.stderr)
+        return exit_status(e)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

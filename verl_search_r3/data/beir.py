@@ -71,28 +71,37 @@ class BeirPaths:
         return paths
 
 
-def iter_beir_corpus(path: str, issues: IssueLog, progress: bool = False) -> Iterator[tuple[str, str, str, str]]:
-    """``(place, doc_id, title, text)`` per well-formed line of ``corpus.jsonl`` (title may be absent)."""
+def iter_beir_corpus(
+    path: str, issues: IssueLog, progress: bool = False, skipped: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, str, str]]:
+    """``(place, doc_id, title, text)`` per well-formed line of ``corpus.jsonl`` (title may be absent).
+
+    ``skipped`` (if given) receives ``doc_id -> place`` of rows skipped for a bad text or title,
+    so a later judgement naming the document can say where it went.
+    """
     for place, rec in iter_jsonl(path, issues, progress, desc="corpus"):
         doc_id = text_field(rec, "_id", place, issues, is_id=True)
         if doc_id is None:
             continue
         text = text_field(rec, "text", place, issues)
-        if text is None:
-            continue
-        title = text_field(rec, "title", place, issues, required=False)
+        title = text_field(rec, "title", place, issues, required=False) if text is not None else None
         if title is None:
+            if skipped is not None:
+                skipped.setdefault(doc_id, place)
             continue
         yield place, doc_id, title, text
 
 
-def iter_beir_queries(path: str, issues: IssueLog) -> Iterator[tuple[str, str, str]]:
-    """``(place, qid, text)`` per well-formed line of ``queries.jsonl``."""
+def iter_beir_queries(path: str, issues: IssueLog, skipped: dict[str, str] | None = None) -> Iterator[tuple[str, str, str]]:
+    """``(place, qid, text)`` per well-formed line of ``queries.jsonl`` (``skipped``: as for
+    :func:`iter_beir_corpus`)."""
     for place, rec in iter_jsonl(path, issues):
         qid = text_field(rec, "_id", place, issues, is_id=True)
         text = text_field(rec, "text", place, issues) if qid is not None else None
         if text is not None:
             yield place, qid, text
+        elif qid is not None and skipped is not None:
+            skipped.setdefault(qid, place)
 
 
 def read_beir_qrels(path: str, issues: IssueLog) -> QrelsBuilder:
@@ -108,7 +117,7 @@ def _read_queries(path: str, issues: IssueLog, wanted: set[str] | None) -> tuple
     queries: dict[str, str] = {}
     seen: set[str] = set()
     skipped: dict[str, str] = {}
-    for place, qid, text in iter_beir_queries(path, issues):
+    for place, qid, text in iter_beir_queries(path, issues, skipped):
         if qid in seen:
             issues.skip("duplicate_id", f"{place}: duplicate _id {qid!r} (the first one is kept)")
             continue
@@ -162,7 +171,7 @@ def convert_beir(
     judgements_read = len(builder)
     queries, skipped_queries = _read_queries(paths.queries, issues, wanted=builder.query_ids())
     corpus = CorpusWriter(corpus_path, issues, id_field="_id", text_field="text", batch_rows=batch_rows)
-    for place, doc_id, title, text in iter_beir_corpus(paths.corpus, issues, progress):
+    for place, doc_id, title, text in iter_beir_corpus(paths.corpus, issues, progress, corpus.skipped):
         corpus.add(doc_id, title, text, place)
     num_docs = corpus.close()
     judged = builder.finish(queries, corpus, paths.queries, paths.corpus, skipped_queries, corpus.skipped)

@@ -152,15 +152,17 @@ def build_pairs(opts: BuildOptions) -> BuildReport:
     """Convert ``opts.input`` and write the output folder atomically; returns the report.
 
     Raises :class:`~verl_search_r3.data.issues.DataFormatError` for bad input (the first skipped
-    row when ``strict``), ``FileNotFoundError`` / ``FileExistsError`` / ``ValueError`` for bad
-    paths and options; nothing is left in the output folder then.
+    row when ``strict``), ``OSError`` (``FileNotFoundError``, ``FileExistsError``, ...) /
+    ``ValueError`` for bad paths and options (an output that is, contains or lies inside an
+    input); nothing is left in the output folder then.
     """
     start = time.perf_counter()
     model = opts.negatives.dense_model
     if model is not None and not os.path.isdir(model):
         raise FileNotFoundError(f"dense negatives: model folder {model!r} does not exist")
     issues = IssueLog(strict=opts.strict, max_warnings=opts.max_warnings)
-    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:
+    inputs = [opts.input, opts.triples, model]
+    with AtomicFolder(opts.output, overwrite=opts.overwrite, inputs=inputs) as out:
         collection = _convert(opts, out.file("corpus.parquet"), issues)
         name = opts.name or collection.name
         data_source = f"search_r3/{name}"

@@ -9,6 +9,7 @@ judged query texts, relevance grades and given negatives.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Container
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from ..prompts import format_document
 from .issues import DataFormatError, IssueLog
 
-__all__ = ["CORPUS_SCHEMA", "Collection", "CorpusWriter", "QrelsBuilder", "GivenNegatives", "relevant_only", "missing_reason"]
+__all__ = ["CORPUS_SCHEMA", "Collection", "CorpusWriter", "QrelsBuilder", "GivenNegatives", "relevant_only", "missing_reason", "parse_grade"]
 
 #: ``corpus.parquet``: one row per document, in input order.
 CORPUS_SCHEMA = pa.schema([("doc_id", pa.string()), ("title", pa.string()), ("text", pa.string())])
@@ -114,6 +115,23 @@ def missing_reason(key: str, skipped: dict[str, str], source: str) -> str:
     return f"was skipped at {skipped[key]}" if key in skipped else f"is not in {source}"
 
 
+def parse_grade(value: str | int | float) -> int | None:
+    """A relevance grade as an int: whole numbers (``"2"``, ``"2.0"``, ``2``) only; None for
+    anything else — text, ``inf``/``nan``, fractions such as ``0.7`` (truncating it would turn a
+    relevant pair into a non-relevant one without a word)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or not number.is_integer():
+        return None
+    return int(number)
+
+
 class QrelsBuilder:
     """Judgements ``(query, document, grade)`` read before the corpus, checked after it.
 
@@ -127,10 +145,9 @@ class QrelsBuilder:
 
     def add(self, qid: str, doc_id: str, grade: str | int, place: str) -> None:
         """Add one judgement; a grade that is not a number or a repeated pair is skipped."""
-        try:
-            g = int(float(grade))
-        except ValueError:
-            self.issues.skip("invalid_field", f"{place}: field {self.grade_field!r} is not a number: {grade!r}")
+        g = parse_grade(grade)
+        if g is None:
+            self.issues.skip("invalid_field", f"{place}: field {self.grade_field!r} is not a whole number: {grade!r}")
             return
         if (qid, doc_id) in self._rows:
             first = self._rows[(qid, doc_id)][1]

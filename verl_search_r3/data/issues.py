@@ -20,7 +20,7 @@ logger = logging.getLogger("verl_search_r3.data")
 SKIP_REASONS = {
     "invalid_json": "a line that is not a JSON object",
     "missing_field": "a required field (JSON key, TSV column, table column) is absent",
-    "invalid_field": "a field of the wrong type or a grade that is not a number",
+    "invalid_field": "a field of the wrong type, an id with a line break, or a grade that is not a whole number",
     "bad_encoding": "a field whose bytes are not valid UTF-8",
     "empty_text": "a document or query whose text is empty",
     "duplicate_id": "an id seen before (the first occurrence is kept)",

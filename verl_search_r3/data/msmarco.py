@@ -64,7 +64,7 @@ def convert_msmarco(
     queries: dict[str, str] = {}
     seen: set[str] = set()
     skipped_queries: dict[str, str] = {}
-    for place, row in iter_tsv(paths.queries, QUERY_COLUMNS, issues):
+    for place, row in iter_tsv(paths.queries, QUERY_COLUMNS, issues, skipped=skipped_queries):
         qid = row["qid"]
         if qid in seen:
             issues.skip("duplicate_id", f"{place}: duplicate qid {qid!r} (the first one is kept)")
@@ -79,7 +79,8 @@ def convert_msmarco(
         queries[qid] = row["query"]
 
     corpus = CorpusWriter(corpus_path, issues, id_field="pid", text_field="passage", batch_rows=batch_rows)
-    for place, row in iter_tsv(paths.collection, COLLECTION_COLUMNS, issues, progress=progress, desc="collection"):
+    for place, row in iter_tsv(paths.collection, COLLECTION_COLUMNS, issues, progress=progress, desc="collection",
+                               skipped=corpus.skipped):
         corpus.add(row["pid"], "", row["passage"], place)
     num_docs = corpus.close()
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -28,6 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from ..atomic import check_writable, remove_stale_siblings, temp_sibling
 from ..prompts import format_document, query_reasoning_messages
 from .collection import Collection
 
@@ -36,6 +36,7 @@ __all__ = [
     "RL_SCHEMA",
     "GROUND_TRUTH_TYPE",
     "AtomicFolder",
+    "check_distinct",
     "write_pairs",
     "write_rl",
 ]
@@ -77,24 +78,41 @@ class AtomicFolder:
     """A folder written in full or not at all.
 
     Files go to a hidden temporary folder in the same parent (so the final rename is atomic on
-    one file system); :meth:`commit` renames it to ``path``. Leaving the ``with`` block without a
-    commit — an exception, Ctrl-C — deletes the temporary folder. An existing non-empty ``path``
-    is refused unless ``overwrite``, in which case it is replaced only at commit.
+    one file system, named by :func:`~verl_search_r3.atomic.temp_sibling`); :meth:`commit`
+    renames it to ``path``. Leaving the ``with`` block without a commit — an exception, Ctrl-C,
+    SIGTERM under :func:`~verl_search_r3.atomic.sigterm_as_interrupt` — deletes the temporary
+    folder; temporary folders of ``path`` left by a killed run are removed on entry. An existing
+    non-empty ``path`` is refused unless ``overwrite``, in which case it is replaced only at
+    commit. An output that is, contains or lies inside one of ``inputs`` is always refused (the
+    replace would delete the input, or the run would write into it).
+
+    Args:
+        path: the output folder.
+        overwrite: replace a non-empty ``path`` at commit.
+        inputs: files and folders the run reads (None entries are ignored).
     """
 
-    def __init__(self, path: str, overwrite: bool = False):
+    def __init__(self, path: str, overwrite: bool = False, inputs: Sequence[str | None] = ()):
         self.path = os.path.abspath(path)
+        check_distinct(path, inputs)
         if os.path.exists(self.path):
             if not os.path.isdir(self.path):
                 raise FileExistsError(f"output {path!r} exists and is not a folder")
             if os.listdir(self.path) and not overwrite:
                 raise FileExistsError(f"output folder {path!r} is not empty (use --overwrite to replace it)")
+        check_writable(self.path, "output folder", folder=True)
         self.tmp: str | None = None
 
     def __enter__(self) -> AtomicFolder:
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            remove_stale_siblings(self.path)
+            tmp = temp_sibling(self.path)
+            os.mkdir(tmp)  # mode from the umask: the result is an ordinary folder
+        except OSError as e:
+            raise type(e)(e.errno, f"cannot write output folder {self.path!r}: {e.strerror or e}") from None
+        self.tmp = tmp
         return self
 
     def file(self, name: str) -> str:
@@ -108,13 +126,10 @@ class AtomicFolder:
         old = None
         if os.path.isdir(self.path):
             if os.listdir(self.path):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.old-", dir=os.path.dirname(self.path))
-                os.rename(self.path, os.path.join(old, "previous"))
+                old = temp_sibling(self.path, "old")
+                os.rename(self.path, old)
             else:
                 os.rmdir(self.path)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
         os.rename(self.tmp, self.path)
         self.tmp = None
         if old:
@@ -124,6 +139,28 @@ class AtomicFolder:
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp = None
+
+
+def check_distinct(output: str, inputs: Sequence[str | None]) -> None:
+    """Raise ``ValueError`` if the output folder is, contains or lies inside one of ``inputs``.
+
+    Paths are compared after resolving symbolic links, so a link to the input is the input.
+    """
+    out = os.path.realpath(output)
+    for given in inputs:
+        if given is None:
+            continue
+        src = os.path.realpath(given)
+        if out == src:
+            how = "is"
+        elif src.startswith(out.rstrip(os.sep) + os.sep):
+            how = "contains"
+        elif out.startswith(src.rstrip(os.sep) + os.sep):
+            how = "lies inside"
+        else:
+            continue
+        raise ValueError(f"output folder {output!r} {how} the input {given!r}; choose an output outside every input "
+                         "(--overwrite would delete or change the input)")
 
 
 def _needed_texts(corpus_path: str, needed: set[str], batch_rows: int, progress: bool) -> pa.Table:

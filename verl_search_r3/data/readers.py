@@ -29,6 +29,7 @@ __all__ = [
     "is_utf8",
     "sha256_path",
     "require_file",
+    "open_parquet",
 ]
 
 TableKind = Literal["jsonl", "parquet", "hf-disk"]
@@ -36,6 +37,7 @@ TableKind = Literal["jsonl", "parquet", "hf-disk"]
 _UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
 _UTF8_BOM = b"\xef\xbb\xbf"
 _HASH_CHUNK = 1 << 20
+_SNIFF_BYTES = 4096
 
 
 def require_file(path: str, what: str) -> str:
@@ -71,6 +73,9 @@ def iter_lines(path: str, progress: bool = False, desc: str | None = None) -> It
             if n == 1:
                 if raw.startswith(_UTF16_BOMS):
                     raise DataFormatError(f"{where(path, 1)}: the file is UTF-16 (byte-order mark); convert it to UTF-8")
+                if b"\x00" in raw[:_SNIFF_BYTES]:
+                    raise DataFormatError(f"{where(path, 1)}: the file holds NUL bytes: UTF-16 or UTF-32 without a byte-order "
+                                          "mark, or not a text file; convert it to UTF-8")
                 if raw.startswith(_UTF8_BOM):
                     raw = raw[len(_UTF8_BOM) :]
             yield n, raw.decode("utf-8", "surrogateescape").rstrip("\r\n")
@@ -102,12 +107,15 @@ def iter_tsv(
     header: tuple[str, ...] | None = None,
     progress: bool = False,
     desc: str | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, dict[str, str]]]:
     """Yield ``(place, {column: value})`` per non-blank line of a separated-values file.
 
     ``sep=None`` splits on any whitespace (TREC qrels). With ``sep`` given, the last column takes
     the rest of the line, so a stray separator inside a passage does not lose text. ``header``:
     the first line must name these columns (an error otherwise, as the file is not what we think).
+    ``skipped`` (if given) receives ``first column value -> place`` of lines skipped for bytes that
+    are not UTF-8 in another column, so a later message about that id can say where it went.
     """
     split = len(columns) - 1
     for n, line in iter_lines(path, progress, desc):
@@ -127,6 +135,8 @@ def iter_tsv(
         bad = next((c for c in columns if not is_utf8(rec[c])), None)
         if bad is not None:
             issues.skip("bad_encoding", f"{place}: field {bad!r} is not valid UTF-8")
+            if skipped is not None and bad != columns[0]:
+                skipped.setdefault(rec[columns[0]], place)
             continue
         yield place, rec
 
@@ -139,18 +149,19 @@ def iter_table(
     For a folder holding a ``DatasetDict``, ``split`` picks the dataset (needed when it has several).
     """
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
         require_file(path, "parquet")
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(path)
         total = pf.metadata.num_rows
-        batches = (b.to_pylist() for b in pf.iter_batches(batch_size=batch_rows))
+        batches = (b.to_pylist() for b in _checked_batches(path, pf.iter_batches(batch_size=batch_rows)))
     elif kind == "hf-disk":
         import datasets
 
         if not os.path.isdir(path):
             raise FileNotFoundError(f"datasets folder {path!r} does not exist")
-        ds = datasets.load_from_disk(path)
+        try:
+            ds = datasets.load_from_disk(path)
+        except (FileNotFoundError, ValueError, OSError) as e:  # no dataset_info.json, a corrupted arrow file, ...
+            raise DataFormatError(f"{path}: not a folder written by datasets' save_to_disk ({e})") from None
         if isinstance(ds, datasets.DatasetDict):
             names = list(ds)
             if split is None and len(names) == 1:
@@ -169,6 +180,32 @@ def iter_table(
                 n += 1
                 yield where(path, n, row=True), row
             bar.update(len(rows))
+
+
+def open_parquet(path: str) -> Any:
+    """``pyarrow.parquet.ParquetFile`` of ``path``; a file that is not parquet (truncated, another
+    format under a .parquet name) is a :class:`DataFormatError` naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataFormatError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _checked_batches(path: str, batches: Iterator[Any]) -> Iterator[Any]:
+    """``batches`` with a corrupted page reported as a :class:`DataFormatError` naming the file."""
+    import pyarrow as pa
+
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as e:
+            raise DataFormatError(f"{path}: corrupted parquet data ({e})") from None
+        yield batch
 
 
 def iter_records(
@@ -208,6 +245,9 @@ def text_field(
         return None
     if is_id and not value.strip():
         issues.skip("invalid_field", f"{place}: field {field!r} is an empty id")
+        return None
+    if is_id and ("\n" in value or "\r" in value):
+        issues.skip("invalid_field", f"{place}: field {field!r} is an id with a line break: {value!r}")
         return None
     return value
 

@@ -18,14 +18,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, remove_stale_siblings, temp_sibling
 
 __all__ = [
     "SnapshotError",
@@ -45,6 +44,7 @@ SNAPSHOT_FORMAT = "verl_search_r3.env.snapshot"
 SNAPSHOT_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _HASH_BLOCK = 1 << 22
+_FILE_KEYS = ("sha256", "bytes", "dtype", "shape")
 
 
 class SnapshotError(ValueError):
@@ -63,19 +63,23 @@ def _fsync_dir(path: str) -> None:
 def atomic_directory(path: str) -> Iterator[str]:
     """Yield a fresh temporary directory next to ``path``; on success it replaces ``path``.
 
-    On an exception the temporary directory is deleted and ``path`` is left untouched.
+    On an exception (SIGTERM under :func:`~verl_search_r3.atomic.sigterm_as_interrupt`
+    included) the temporary directory is deleted and ``path`` is left untouched. Temporary
+    directories of ``path`` left by a killed process of this machine are removed first (see
+    :func:`~verl_search_r3.atomic.remove_stale_siblings`).
     """
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    remove_stale_siblings(path)
+    tmp = temp_sibling(path)
     os.makedirs(tmp)
     try:
         yield tmp
         _fsync_dir(tmp)
         old = None
         if os.path.exists(path):
-            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex}")
+            old = temp_sibling(path, "old")
             os.rename(path, old)
         os.rename(tmp, path)
         _fsync_dir(parent)
@@ -166,6 +170,9 @@ def read_snapshot(path: str, verify: bool = True) -> tuple[dict[str, np.ndarray]
     arrays = {}
     for fname, info in manifest["files"].items():
         fpath = os.path.join(path, fname)
+        lacking = [k for k in _FILE_KEYS if not isinstance(info, dict) or k not in info]
+        if lacking:
+            raise SnapshotError(f"{os.path.join(path, MANIFEST)}: the entry of {fname!r} lacks {lacking}")
         if not os.path.isfile(fpath):
             raise SnapshotError(f"{fpath}: file listed in the manifest is missing")
         if os.path.getsize(fpath) != info["bytes"]:

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..data.beir import BeirPaths, iter_beir_corpus
 from ..data.collection import CorpusWriter
+from ..atomic import exit_status, sigterm_as_interrupt
 from ..data.issues import SKIP_REASONS, DataFormatError, IssueLog
 from ..data.outputs import AtomicFolder
 from ..data.readers import iter_jsonl, iter_table, require_file, sha256_path, text_field
@@ -178,8 +179,9 @@ def build_index(opts: BuildIndexOptions) -> IndexManifest:
     dense retrievers), the BM25 index (``bm25``) and the manifest, atomically; returns the manifest.
 
     Raises :class:`~verl_search_r3.data.issues.DataFormatError` for bad input (the first skipped
-    row when ``strict``, or no document at all), ``FileNotFoundError`` / ``FileExistsError`` for
-    bad paths; nothing is left in the output folder then.
+    row when ``strict``, or no document at all), ``OSError`` / ``ValueError`` for bad paths (an
+    output that is, contains or lies inside the input or the model); nothing is left in the
+    output folder then.
     """
     start = time.perf_counter()
     issues = IssueLog(strict=opts.strict, max_warnings=opts.max_warnings)
@@ -187,7 +189,8 @@ def build_index(opts: BuildIndexOptions) -> IndexManifest:
     text_field_name = "text" if opts.format != "search-r1" else opts.contents_field
     if opts.retriever != "bm25" and not os.path.isdir(opts.model):
         raise FileNotFoundError(f"model folder {opts.model!r} does not exist")
-    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:  # refuses a non-empty output first
+    # refuses a non-empty output, and one that is, contains or lies inside the input or the model, first
+    with AtomicFolder(opts.output, overwrite=opts.overwrite, inputs=[opts.input, opts.model]) as out:
         model = None
         if opts.retriever != "bm25":
             options = DenseModelOptions(device=opts.device, dtype=opts.model_dtype, batch_size=opts.batch_size, max_length=opts.max_length,
@@ -275,7 +278,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Exit status: 0 done, 1 bad data or paths, 2 bad options, 130 interrupted."""
+    """Exit status: 0 done, 1 bad data or paths, 2 bad options, 130 interrupted (Ctrl-C), 143
+    terminated (SIGTERM); an interrupted run leaves nothing behind."""
     p = parser()
     args = p.parse_args(argv)
     try:
@@ -291,13 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
     try:
-        manifest = build_index(opts)
-    except (DataFormatError, OSError) as e:
+        with sigterm_as_interrupt():
+            manifest = build_index(opts)
+    except (OSError, ValueError) as e:  # DataFormatError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the temporary output is already removed
         print("interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return exit_status(e)
     skipped = manifest.build["skipped"]
     print(f"wrote {opts.output}: {manifest.kind} index of {manifest.num_docs:,} documents in {manifest.num_shards} shard(s), "
           f"{sum(skipped.values()):,} rows skipped {skipped or ''}, {manifest.build['seconds']}s")

@@ -51,6 +51,9 @@ DEFAULT_INSTRUCTION = (
     "Question: {question}\n"
 )
 MANIFEST_VERSION = 1
+#: The placeholder of the instruction that the question replaces; other braces (a JSON example in
+#: the prompt) are kept as written.
+QUESTION_FIELD = "{question}"
 
 
 def qa_schema(tool_name: str) -> pa.Schema:
@@ -118,7 +121,8 @@ class QADataOptions:
         id_field: optional row id field; a repeated id within a source is skipped.
         hf_split: the split of a saved ``DatasetDict`` (``datasets`` folders).
         add_question_mark: append ``?`` to questions that do not end with one (as the original).
-        instruction: the prompt template (``{question}`` is filled in).
+        instruction: the prompt template; every ``{question}`` is replaced by the question, other
+            braces are kept.
         ability: the ``ability`` column.
         agent_name: the ``agent_name`` column (the agent loop of each row).
         tool_name: the search tool's name in ``tools_kwargs``.
@@ -145,8 +149,8 @@ class QADataOptions:
     def __post_init__(self) -> None:
         if not self.sources:
             raise ValueError("at least one source is needed")
-        if "{question}" not in self.instruction:
-            raise ValueError("the instruction must contain {question}")
+        if QUESTION_FIELD not in self.instruction:
+            raise ValueError(f"the instruction must contain {QUESTION_FIELD}")
         if self.batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
         seen = Counter((s.split, s.name) for s in self.sources)
@@ -216,7 +220,7 @@ def _row(question: str, answers: list[str], source: QASource, index: int, opts: 
     data_source = f"search_r1/{source.name}"
     return {
         "data_source": data_source,
-        "prompt": [{"role": "user", "content": opts.instruction.format(question=question)}],
+        "prompt": [{"role": "user", "content": opts.instruction.replace(QUESTION_FIELD, question)}],
         "ability": opts.ability,
         "reward_model": {"style": "rule", "ground_truth": {"target": answers}},
         "extra_info": {
@@ -234,14 +238,15 @@ def build_qa_data(opts: QADataOptions) -> QADataReport:
     """Convert every source and write ``<split>.parquet`` files plus ``manifest.json`` atomically.
 
     Raises :class:`DataFormatError` for bad input (the first skipped row when ``strict``, or a
-    split without rows), ``FileNotFoundError`` / ``FileExistsError`` for bad paths.
+    split without rows), ``OSError`` / ``ValueError`` for bad paths (an output that is, contains
+    or lies inside a source).
     """
     start = time.perf_counter()
     issues = IssueLog(strict=opts.strict, max_warnings=opts.max_warnings)
     schema = qa_schema(opts.tool_name)
     counts: dict[str, dict[str, int]] = {}
     index = 0
-    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:
+    with AtomicFolder(opts.output, overwrite=opts.overwrite, inputs=[s.path for s in opts.sources]) as out:
         writers: dict[str, pq.ParquetWriter] = {}
         try:
             for source in opts.sources:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from ..atomic import atomic_write_text
@@ -86,12 +86,21 @@ class IndexManifest:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{folder!r} is not a search index (no {INDEX_MANIFEST}); build one with "
                                     "python -m verl_search_r3.search_r1.build_index")
-        with open(path, encoding="utf-8") as f:
-            values = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a readable index manifest ({e}); rebuild the index") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: not an index manifest (a JSON {type(values).__name__}, expected an object)")
         if values.get("manifest_version") != MANIFEST_VERSION:
             raise ValueError(f"{path}: manifest version {values.get('manifest_version')!r}, this code reads {MANIFEST_VERSION}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown manifest fields {unknown}")
+        required = sorted(f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING)
+        missing = [k for k in required if k not in values]
+        if missing:
+            raise ValueError(f"{path}: the manifest lacks {missing}; rebuild the index")
         return cls(**values)

@@ -191,13 +191,17 @@ class Retrieval:
         # the encoder (and bm25s) run one call at a time; the corpus index serves concurrent searches
         with self._lock:
             if self._bm25 is not None:
-                return self._bm25.search(queries, k)
+                ids, scores = self._bm25.search(queries, k)
+                # a query without any indexed term (empty, only stop words) matches nothing: no
+                # passages, rather than k arbitrary ones at score 0
+                return [[d for d, s in zip(row, srow) if s > 0] for row, srow in zip(ids, scores)], scores
             model = self._policy.current() if self._policy is not None else self._model
             vectors = model.encode_queries(queries)
         return self.index.search(vectors, k)
 
     def search(self, queries: Sequence[str], k: int) -> list[list[Passage]]:
-        """Top-``k`` passages per query, best first."""
+        """Top-``k`` passages per query, best first; BM25 returns none for a query that has no
+        indexed term (empty, or only stop words)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         queries = [str(q) for q in queries]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 
 from .observation import Passage
@@ -76,7 +76,10 @@ class ServerConfig:
 
 
 class RetrieveRequest(BaseModel):
-    """Search-R1's request body."""
+    """Search-R1's request body; any other field is refused (422), so a misspelt ``top_k`` is not
+    silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     queries: list[str]
     topk: int | None = None
@@ -142,6 +145,9 @@ def create_app(search: SearchFn, config: ServerConfig = ServerConfig(), describe
             raise HTTPException(422, "queries is empty")
         if len(request.queries) > config.max_queries:
             raise HTTPException(413, f"{len(request.queries)} queries; at most {config.max_queries} per request")
+        blank = next((i for i, q in enumerate(request.queries) if not q.strip()), None)
+        if blank is not None:
+            raise HTTPException(422, f"query {blank} is empty")
         long = next((i for i, q in enumerate(request.queries) if len(q) > config.max_query_chars), None)
         if long is not None:
             raise HTTPException(422, f"query {long} has {len(request.queries[long])} characters; at most {config.max_query_chars}")
@@ -184,24 +190,42 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    """Exit status: 0 stopped, 1 the index or model cannot be served (a message, no traceback),
+    2 bad options, 130 interrupted during start-up."""
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = ServerConfig(**{k: getattr(args, k) for k in ServerConfig.__dataclass_fields__})
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        retrieval = open_retrieval(args)
+    except (OSError, ValueError) as e:  # a missing or damaged index, a model that does not match it
+        print(f"error: cannot serve {args.index!r}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     import uvicorn
 
-    from .config import RetrieverConfig
-    from .index_layout import IndexManifest
-    from .retrieval import Retrieval
-
-    config = ServerConfig(**{k: getattr(args, k) for k in ServerConfig.__dataclass_fields__})
-    if IndexManifest.load(args.index).num_shards > 1:
-        import ray
-
-        ray.init(include_dashboard=False)
-    retrieval = Retrieval(RetrieverConfig(index_dir=args.index, model=args.model, device=args.device, placement="local",
-                                          reasoning=not args.no_reasoning))
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.INFO)
     logger.info("serving %s on http://%s:%d/retrieve", retrieval.describe(), config.host, config.port)
     uvicorn.run(create_app(retrieval.search, config, retrieval.describe), host=config.host, port=config.port, log_level="warning")
     return 0
+
+
+def open_retrieval(args: argparse.Namespace) -> Any:
+    """The :class:`~.retrieval.Retrieval` of ``--index`` (Ray started first for a sharded index)."""
+    from .config import RetrieverConfig
+    from .index_layout import IndexManifest
+    from .retrieval import Retrieval
+
+    if IndexManifest.load(args.index).num_shards > 1:
+        import ray
+
+        ray.init(include_dashboard=False)
+    return Retrieval(RetrieverConfig(index_dir=args.index, model=args.model, device=args.device, placement="local",
+                                     reasoning=not args.no_reasoning))
 
 
 if __name__ == "__main__":
