@@ -18,7 +18,7 @@ from verl.workers.utils.losses import ppo_loss
 
 from verl_search_r3.embedding import last_hidden_states
 from verl_search_r3.losses import InfoNCELoss
-from verl_search_r3.rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs, response_embeddings
+from verl_search_r3.rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs, dense, response_embeddings
 from verl_search_r3.rl.workers import ContrastiveConfig, search_r3_ppo_loss
 from verl_search_r3.tiny import build_tiny_qwen2
 from verl_search_r3.tokens import embed_token_id
@@ -282,3 +282,173 @@ def test_contrastive_fields_survive_verl_micro_batching():
         assert dense(mb[DOCS_KEY]).shape == (2, K, H)
         torch.testing.assert_close(dense(mb[DOCS_KEY]), docs[rows])
         assert torch.equal(dense(mb[DOC_IDS_KEY]), ids[rows]) and torch.equal(dense(mb[DOC_MASK_KEY]), mask[rows])
+
+
+def _count_calls(module):
+    calls = []
+    handle = module.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.fixture()
+def cpu_forward_step(monkeypatch):
+    """verl's real ``forward_step`` on the host: device lookups answer ``cpu``, no autocast."""
+    from verl.workers.engine.fsdp import transformer_impl
+
+    monkeypatch.setattr(transformer_impl, "get_device_id", lambda: "cpu")
+    monkeypatch.setattr(transformer_impl, "get_device_name", lambda: "cpu")
+
+    def run(eng, mb, loss_fn=None):
+        eng._autocast_dtype = torch.float32
+        return eng.forward_step(mb, loss_function=loss_fn, forward_only=loss_fn is None)[1]["model_output"]
+
+    return run
+
+
+@pytest.mark.parametrize("use_remove_padding", [False, True])
+def test_document_encoding_runs_the_decoder_only(engine_and_model, cpu_forward_step, use_remove_padding):
+    """encode_documents' batches go through verl's forward_step without lm_head / log-probs, same vectors."""
+    from verl_search_r3.rl.workers import document_batch
+
+    eng, model, E = engine_and_model
+    docs = [[31, 32, 33, E]] if use_remove_padding else [[31, 32, 33, E], [34, E], [35, 36, E]]
+    batch = document_batch(docs)
+    tu.assign_non_tensor(batch, use_remove_padding=use_remove_padding, calculate_entropy=False)
+    calls, handle = _count_calls(model.lm_head)
+    with torch.no_grad():
+        out = cpu_forward_step(eng, batch)
+    handle.remove()
+    assert calls == [] and set(out) == {EMBEDDING_KEY}
+    with torch.no_grad():
+        for i, d in enumerate(docs):
+            want = F.normalize(last_hidden_states(model, torch.tensor([d]))[0, -1], dim=0)
+            torch.testing.assert_close(out[EMBEDDING_KEY][i], want, atol=1e-5, rtol=1e-4)
+    assert "forward" not in vars(model)  # the instance forward is restored
+
+
+def _doc_grad_inputs(tok, E):
+    from verl_search_r3.rl.engine import DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY
+    from verl_search_r3.rl.trainer import document_prompt_fields
+
+    texts = {"d1": "supersonic flutter of wings", "d2": "heat transfer in slabs", "d3": "boundary layer"}
+    id_lists = [["d1", "d2", ""], ["d1", "d3", "d2"]]
+    fields = document_prompt_fields(id_lists, lambda ids: [texts[i] for i in ids], tok, 64)
+    keys = {"d1": 1, "d2": 2, "d3": 3, "": -1}
+    doc_ids = torch.tensor([[keys[d] for d in row] for row in id_lists])
+    mb = _micro_batch([[1, 2], [3]], [[4, E], [5, 6, E]])
+    mb[DOC_TOKENS_KEY], mb[DOC_TOKEN_LENGTHS_KEY], mb[DOC_IDS_KEY] = fields[DOC_TOKENS_KEY], fields[DOC_TOKEN_LENGTHS_KEY], doc_ids
+    return mb, texts, id_lists
+
+
+def test_doc_grad_forward_skips_the_lm_head_and_respects_the_caps(engine_and_model):
+    from verl_search_r3.prompts import embed_prompt_ids
+    from verl_search_r3.rl.engine import DOC_EMBEDDING_KEY, DOC_GRAD_MASK_KEY
+
+    eng, model, E = engine_and_model
+    tok = build_tiny_qwen2()[1]
+    mb, texts, id_lists = _doc_grad_inputs(tok, E)
+    calls, handle = _count_calls(model.lm_head)
+    mo = _forward(eng, model, mb)
+    assert len(calls) == 1  # the policy forward only; the documents ran through the decoder
+    handle.remove()
+    with torch.no_grad():
+        vecs = {d: F.normalize(last_hidden_states(model, torch.tensor([embed_prompt_ids(tok, t, "document", 64)]))[0, -1], dim=0) for d, t in texts.items()}
+    valid = torch.tensor([[d != "" for d in row] for row in id_lists])
+    assert torch.equal(mo[DOC_GRAD_MASK_KEY], valid)
+    for i, row in enumerate(id_lists):
+        for k, d in enumerate(row):
+            if d:
+                torch.testing.assert_close(mo[DOC_EMBEDDING_KEY][i, k].detach(), vecs[d], atol=1e-5, rtol=1e-4)
+
+    # cap: 2 distinct documents -> the positive d1 and the hardest negatives in slot order (d2 of sample 0)
+    eng.search_r3_doc_grad_max_docs = 2
+    mo = _forward(eng, model, mb)
+    assert mo[DOC_GRAD_MASK_KEY].tolist() == [[True, True, False], [True, False, True]]
+    assert torch.all(mo[DOC_EMBEDDING_KEY][1, 1] == 0)  # d3 left out: zero row, env vector in the loss
+    # token budget (dynamic batch size): the micro-batch's own tokens count against it
+    eng.search_r3_doc_grad_max_docs = 16
+    lengths = dense(mb["search_r3_doc_token_lengths"])
+    own = int(mb["input_ids"].offsets()[-1])
+    tu.assign_non_tensor(mb, use_dynamic_bsz=True, max_token_len_per_gpu=own + int(lengths[0, 0]))
+    mo = _forward(eng, model, mb)
+    assert mo[DOC_GRAD_MASK_KEY].tolist() == [[True, False, False], [True, False, False]]
+    tu.assign_non_tensor(mb, max_token_len_per_gpu=own)  # nothing fits: a one-token forward, nothing encoded
+    mo = _forward(eng, model, mb)
+    assert not mo[DOC_GRAD_MASK_KEY].any() and mo[DOC_EMBEDDING_KEY].requires_grad
+
+
+def test_doc_grad_loss_uses_env_vectors_for_documents_over_the_cap(engine_and_model):
+    """Documents over the cap keep their environment vector: same loss value, less gradient."""
+    from verl_search_r3.prompts import embed_prompt_ids
+
+    eng, model, E = engine_and_model
+    tok = build_tiny_qwen2()[1]
+    mb, texts, id_lists = _doc_grad_inputs(tok, E)
+    with torch.no_grad():
+        vecs = {d: F.normalize(last_hidden_states(model, torch.tensor([embed_prompt_ids(tok, t, "document", 64)]))[0, -1], dim=0) for d, t in texts.items()}
+    docs = torch.stack([torch.stack([vecs[d] if d else torch.zeros(64) for d in row]) for row in id_lists])
+    mask = torch.tensor([[d != "" for d in row] for row in id_lists])
+    losses = {}
+    for cap in (16, 1):
+        eng.search_r3_doc_grad_max_docs = cap
+        mo = _forward(eng, model, mb)
+        data = _rl_data(mb, [[4, E], [5, 6, E]], docs, mb[DOC_IDS_KEY], mask, global_batch_size=2)
+        cfg = ContrastiveConfig(coef=1.0, doc_grad=True, doc_grad_max_docs=cap)
+        losses[cap], metrics = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=cfg)
+        assert metrics["actor/doc_grad_frac"] == pytest.approx(1.0 if cap == 16 else 2 / 5)
+    torch.testing.assert_close(losses[1], losses[16], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="doc_grad_max_docs"):
+        ContrastiveConfig(doc_grad_max_docs=0)
+
+
+def test_doc_grad_with_verl_fused_kernels(engine_and_model):
+    """use_fused_kernels patches the model class's forward (it needs return_dict=True); the
+    document forward runs the decoder only, so doc_grad works with it and gives the same vectors."""
+    from transformers import Qwen2ForCausalLM
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+
+    from verl_search_r3.rl.engine import DOC_EMBEDDING_KEY
+
+    eng, model, E = engine_and_model
+    tok = build_tiny_qwen2()[1]
+    mb, _, _ = _doc_grad_inputs(tok, E)
+    want = _forward(eng, model, mb)
+    model.__class__ = type("FusedQwen2ForCausalLM", (Qwen2ForCausalLM,), {})  # verl patches the class: keep it local
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    tu.assign_non_tensor(mb, use_fused_kernels=True)
+    got = _forward(eng, model, mb)
+    torch.testing.assert_close(got[DOC_EMBEDDING_KEY], want[DOC_EMBEDDING_KEY], atol=1e-5, rtol=1e-4)
+
+
+def test_decoder_only_under_fsdp2(tmp_path):
+    """FSDP2 (verl's apply_fsdp2, lm_head sharded on its own): the root's hooks still gather the
+    parameters, the lm_head never runs, the hidden states equal the unsharded model's, gradients flow."""
+    import copy
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from verl.utils.fsdp_utils import apply_fsdp2
+
+    from verl_search_r3.embedding import FinalNormCapture
+    from verl_search_r3.rl.engine import decoder_only
+
+    model, _ = build_tiny_qwen2(tie_word_embeddings=False, seed=1)
+    plain = copy.deepcopy(model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        apply_fsdp2(model, {"mesh": init_device_mesh("cpu", (1,))}, {})
+        calls, _ = _count_calls(model.lm_head)
+        capture = FinalNormCapture(model).attach()
+        ids = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+        logits = model(input_ids=ids, use_cache=False).logits
+        capture.pop()
+        with decoder_only(model):
+            model(input_ids=ids, use_cache=False)
+        hidden = capture.pop()
+        assert len(calls) == 1
+        with torch.no_grad():
+            torch.testing.assert_close(hidden.detach(), last_hidden_states(plain, ids), atol=1e-5, rtol=1e-4)
+        (logits.float().mean() + hidden.float().pow(2).mean()).backward()
+        assert model.model.norm.weight.grad is not None
+    finally:
+        dist.destroy_process_group()

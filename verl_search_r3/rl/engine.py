@@ -13,16 +13,25 @@ With the document prompts in the micro-batch (:data:`DOC_TOKENS_KEY`) and gradie
 engine also re-encodes the documents in the training forward (:data:`DOC_EMBEDDING_KEY`,
 :func:`document_embeddings`), so a contrastive gradient flows through the document side.
 
+Document forwards run the decoder only (:func:`decoder_only`): no ``lm_head``, no
+full-vocabulary logits, no fused log-prob kernel. A batch flagged :data:`EMBED_ONLY_KEY` (the
+environment's document encoding) returns only :data:`EMBEDDING_KEY`; the ``doc_grad`` forward
+encodes at most ``doc_grad_max_docs`` distinct documents per micro-batch, and with dynamic batch
+size only as many as fit the micro-batch's token budget next to its own tokens.
+
 Ulysses sequence parallelism (SP > 1) is refused: the hook sees only the local shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from tensordict import TensorDict
 from torch import Tensor
+from transformers import PreTrainedModel
 from verl.utils import tensordict_utils as tu
 
 from ..embedding import FinalNormCapture, gather_embeddings, last_token_positions, last_token_positions_nested, pad_sequences
@@ -35,7 +44,10 @@ __all__ = [
     "DOC_TOKENS_KEY",
     "DOC_TOKEN_LENGTHS_KEY",
     "DOC_EMBEDDING_KEY",
+    "DOC_GRAD_MASK_KEY",
+    "EMBED_ONLY_KEY",
     "response_embeddings",
+    "decoder_only",
     "document_embeddings",
     "add_embedding_outputs",
     "dense",
@@ -55,7 +67,16 @@ DOC_TOKENS_KEY = "search_r3_doc_tokens"
 DOC_TOKEN_LENGTHS_KEY = "search_r3_doc_token_lengths"
 """``(B, 1 + N)`` int64 lengths of the prompts in :data:`DOC_TOKENS_KEY` (0 for padding rows)."""
 DOC_EMBEDDING_KEY = "search_r3_doc_embedding"
-"""``model_output`` field: ``(B, 1 + N, H)`` document embeddings with gradient (``doc_grad``)."""
+"""``model_output`` field: ``(B, 1 + N, H)`` document embeddings with gradient (``doc_grad``);
+zero rows where :data:`DOC_GRAD_MASK_KEY` is False."""
+DOC_GRAD_MASK_KEY = "search_r3_doc_grad_mask"
+"""``model_output`` field: ``(B, 1 + N)`` bool, True where :data:`DOC_EMBEDDING_KEY` was encoded
+(the rest did not fit ``doc_grad_max_docs`` or the token budget: the loss uses :data:`DOCS_KEY` there)."""
+EMBED_ONLY_KEY = "search_r3_embed_only"
+"""Non-tensor batch flag: run the decoder only and return just :data:`EMBEDDING_KEY` (document encoding)."""
+
+_HEAD_KWARGS = frozenset({"labels", "shift_labels", "logits_to_keep", "temperature", "return_dict"})
+"""Keyword arguments of a causal LM's (or verl's fused) forward that belong to the head, not the decoder."""
 
 
 def response_embeddings(
@@ -86,6 +107,41 @@ def response_embeddings(
     return gather_embeddings(hidden, local.clamp(min=0), found)
 
 
+def _causal_lm(module: torch.nn.Module) -> PreTrainedModel:
+    """The outermost Hugging Face causal LM inside ``module`` (through FSDP / PEFT / checkpoint wrappers)."""
+    for sub in module.modules():
+        if isinstance(sub, PreTrainedModel) and sub.get_output_embeddings() is not None:
+            return sub
+    raise ValueError(f"no Hugging Face causal LM (a model with an lm_head) inside {type(module).__name__}")
+
+
+@contextmanager
+def decoder_only(module: torch.nn.Module) -> Iterator[None]:
+    """Within the block, calling ``module`` runs the causal LM's decoder only (embeddings, layers,
+    final norm): no ``lm_head``, no logits, no fused log-prob kernel; it returns the decoder's output.
+
+    ``module`` is called as usual, so FSDP's hooks on it still gather and release the parameters;
+    only the wrapped causal LM's ``forward`` is replaced on the instance, and restored on exit.
+    Head-only keyword arguments (``temperature``, ``return_dict``, ``shift_labels`` of verl's fused
+    forward; ``labels``, ``logits_to_keep``) are dropped.
+    """
+    lm = _causal_lm(module)
+    decoder = lm.get_decoder()
+    previous = lm.__dict__.get("forward")
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return decoder(*args, **{k: v for k, v in kwargs.items() if k not in _HEAD_KWARGS})
+
+    lm.forward = forward
+    try:
+        yield
+    finally:
+        if previous is None:
+            del lm.forward
+        else:
+            lm.forward = previous
+
+
 def document_embeddings(
     module: torch.nn.Module,
     capture: FinalNormCapture,
@@ -93,8 +149,16 @@ def document_embeddings(
     tokens: Tensor,
     lengths: Tensor,
     doc_keys: Tensor,
-) -> Tensor:
-    """Embed each sample's documents with ``module`` (gradient kept), each distinct document once.
+    max_docs: int | None = None,
+    max_tokens: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Embed each sample's documents with ``module``'s decoder (gradient kept), each distinct document once.
+
+    Distinct documents are taken positives first, then the negatives slot by slot (hardest
+    first), while there are at most ``max_docs`` of them and their padded forward (count ×
+    longest prompt) fits ``max_tokens`` tokens; the others are left out (zero rows, mask False).
+    When nothing is left, a one-token forward still runs (and stays in the graph, times 0), so
+    every FSDP rank runs the same forwards and backwards.
 
     Args:
         module: the causal LM (the engine's module; its final norm is hooked by ``capture``).
@@ -103,32 +167,45 @@ def document_embeddings(
         tokens: nested ``(B, j)``: per sample, its document prompts concatenated.
         lengths: ``(B, K)`` prompt lengths (0 = padding row).
         doc_keys: ``(B, K)`` document keys; equal keys are encoded once.
+        max_docs, max_tokens: the caps (None = no cap).
 
     Returns:
-        ``(B, K, H)`` unit embeddings; zero rows for padding.
+        ``(B, K, H)`` unit embeddings (zero rows where not encoded) and the ``(B, K)`` bool mask of
+        the encoded rows.
     """
     lengths = lengths.long().cpu()
     keys = doc_keys.long().cpu()
+    pieces = [torch.split(row.cpu(), lengths[i].tolist()) for i, row in enumerate(tokens.unbind())]
     index: dict[int, int] = {}  # document key -> row of the unique batch
     prompts: list[list[int]] = []
-    slot = torch.zeros_like(keys)
-    for i, row in enumerate(tokens.unbind()):
-        for k, piece in enumerate(torch.split(row.cpu(), lengths[i].tolist())):
-            if lengths[i, k] > 0:
-                key = int(keys[i, k])
-                if key not in index:
-                    index[key] = len(prompts)
-                    prompts.append(piece.tolist())
-                slot[i, k] = index[key]
+    slot = torch.full_like(keys, -1)
+    longest = 0
+    for k in range(keys.shape[1]):  # positives first, then negatives by rank
+        for i in range(keys.shape[0]):
+            n = int(lengths[i, k])
+            key = int(keys[i, k])
+            if n == 0:
+                continue
+            if key not in index:
+                fits = (max_docs is None or len(prompts) < max_docs) and (
+                    max_tokens is None or (len(prompts) + 1) * max(longest, n) <= max_tokens
+                )
+                if not fits:
+                    continue
+                index[key] = len(prompts)
+                prompts.append(pieces[i][k].tolist())
+                longest = max(longest, n)
+            slot[i, k] = index[key]
     device = tokens.device
-    ids, mask = pad_sequences(prompts, pad_id=0, side="right")
+    encoded = (slot >= 0).to(device)
+    ids, mask = pad_sequences(prompts or [[token_id]], pad_id=0, side="right")
+    ids, mask = ids.to(device), mask.to(device)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    module(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device), use_cache=False)
+    with decoder_only(module):
+        module(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
     hidden = capture.pop()
-    pos, found = last_token_positions(ids.to(device), token_id, mask.to(device))
-    emb = gather_embeddings(hidden, pos, found)
-    valid = (lengths > 0).to(device)
-    return emb[slot.to(device)] * valid[..., None].to(emb.dtype)
+    emb = gather_embeddings(hidden, *last_token_positions(ids, token_id, mask))
+    return emb[slot.clamp(min=0).to(device)] * encoded[..., None].to(emb.dtype), encoded
 
 
 def _embedding_engine_class(base: type) -> type:
@@ -137,19 +214,33 @@ def _embedding_engine_class(base: type) -> type:
     class _EmbeddingOutputs(base):  # type: ignore[misc, valid-type]
         search_r3_capture: FinalNormCapture
         search_r3_token_id: int
+        search_r3_doc_grad_max_docs: int
+
+        def forward_step(self, micro_batch: TensorDict, loss_function, forward_only):
+            embed_only = tu.get_non_tensor_data(data=micro_batch, key=EMBED_ONLY_KEY, default=False)
+            with decoder_only(self.module) if embed_only else nullcontext():
+                return super().forward_step(micro_batch, loss_function, forward_only)
 
         def prepare_model_outputs(self, output, output_args, micro_batch: TensorDict, logits_processor_func):
+            packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+            if tu.get_non_tensor_data(data=micro_batch, key=EMBED_ONLY_KEY, default=False):
+                hidden = self.search_r3_capture.pop()
+                return {EMBEDDING_KEY: response_embeddings(hidden, micro_batch["input_ids"], self.search_r3_token_id, packed=packed)}
             model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
             hidden = self.search_r3_capture.pop()
-            packed = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
             prompt_lengths = micro_batch["prompts"].offsets().diff() if "prompts" in micro_batch.keys() else None
             model_output[EMBEDDING_KEY] = response_embeddings(
                 hidden, micro_batch["input_ids"], self.search_r3_token_id, prompt_lengths, packed=packed
             )
             if torch.is_grad_enabled() and DOC_TOKENS_KEY in micro_batch.keys():
-                model_output[DOC_EMBEDDING_KEY] = document_embeddings(
+                budget = None
+                if tu.get_non_tensor_data(data=micro_batch, key="use_dynamic_bsz", default=False):
+                    own_tokens = int(micro_batch["input_ids"].offsets()[-1])
+                    budget = int(tu.get_non_tensor_data(data=micro_batch, key="max_token_len_per_gpu", default=0)) - own_tokens
+                model_output[DOC_EMBEDDING_KEY], model_output[DOC_GRAD_MASK_KEY] = document_embeddings(
                     self.module, self.search_r3_capture, self.search_r3_token_id, micro_batch[DOC_TOKENS_KEY],
                     dense(micro_batch[DOC_TOKEN_LENGTHS_KEY]), dense(micro_batch[DOC_IDS_KEY]),
+                    max_docs=self.search_r3_doc_grad_max_docs, max_tokens=budget,
                 )
             return model_output
 
@@ -158,12 +249,15 @@ def _embedding_engine_class(base: type) -> type:
     return _EmbeddingOutputs
 
 
-def add_embedding_outputs(engine: Any, module: torch.nn.Module, token_id: int) -> None:
+def add_embedding_outputs(engine: Any, module: torch.nn.Module, token_id: int, doc_grad_max_docs: int = 16) -> None:
     """Make ``engine`` (an FSDP LM-head engine, or any with ``prepare_model_outputs``) emit embeddings.
 
     Installs a forward hook on the final norm of ``module`` and swaps ``engine.__class__`` for
-    a subclass; idempotent.
+    a subclass; idempotent. ``doc_grad_max_docs`` caps the distinct documents of the ``doc_grad``
+    forward per micro-batch (see :func:`document_embeddings`).
     """
+    if doc_grad_max_docs < 1:
+        raise ValueError(f"doc_grad_max_docs must be >= 1, got {doc_grad_max_docs}")
     sp = getattr(engine, "ulysses_sequence_parallel_size", 1)
     if sp > 1:
         raise ValueError(
@@ -174,6 +268,7 @@ def add_embedding_outputs(engine: Any, module: torch.nn.Module, token_id: int) -
         engine.search_r3_capture = FinalNormCapture(module).attach()
         engine.__class__ = _embedding_engine_class(type(engine))
     engine.search_r3_token_id = token_id
+    engine.search_r3_doc_grad_max_docs = doc_grad_max_docs
 
 
 def dense(value: Tensor) -> Tensor:

@@ -8,9 +8,10 @@ How it plugs into verl's engine workers (``verl/workers/engine_workers.py``):
 * During ``update_actor`` the same field carries gradients into :func:`search_r3_ppo_loss`:
   verl's ``ppo_loss`` plus ``λ · InfoNCE`` between the query embedding and the fresh
   positive/negative document vectors the trainer stored per sample (:data:`DOCS_KEY`). With
-  ``ContrastiveConfig.doc_grad`` the trainer stores the document prompts instead
-  (:data:`DOC_TOKENS_KEY`) and the engine re-encodes them in the training forward, so the
-  InfoNCE gradient also flows through the document side.
+  ``ContrastiveConfig.doc_grad`` the trainer also stores the document prompts
+  (:data:`DOC_TOKENS_KEY`) and the engine re-encodes them (decoder only, capped per
+  micro-batch) in the training forward, so the InfoNCE gradient also flows through the
+  document side.
 * :class:`SearchR3ActorRolloutRefWorker` adds two worker-group methods: ``configure_search_r3``
   (install the engine outputs and the loss; called once by the trainer) and
   ``encode_documents`` (the environment's refresh callback: document prompts in, vectors out,
@@ -33,7 +34,17 @@ from verl.workers.utils.losses import ppo_loss
 
 from ..losses import InfoNCELoss, in_batch_accuracy
 from ..tokens import embed_token_id
-from .engine import DOC_EMBEDDING_KEY, DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs, dense
+from .engine import (
+    DOC_EMBEDDING_KEY,
+    DOC_GRAD_MASK_KEY,
+    DOC_IDS_KEY,
+    DOC_MASK_KEY,
+    DOCS_KEY,
+    EMBED_ONLY_KEY,
+    EMBEDDING_KEY,
+    add_embedding_outputs,
+    dense,
+)
 
 __all__ = [
     "ContrastiveConfig",
@@ -54,15 +65,24 @@ class ContrastiveConfig:
             Off by default: GRPO micro-batches are mostly one query's group, and with env hard
             negatives only the loss is exactly invariant to micro-batching.
         doc_grad: re-encode the positive and negative documents in the training forward so
-            the gradient also trains the document side (one extra forward per micro-batch over
-            its distinct documents, full-vocabulary logits included); off: the environment's
-            fresh vectors are constants.
+            the gradient also trains the document side (one extra decoder-only forward per
+            micro-batch over its distinct documents); off: the environment's fresh vectors are
+            constants.
+        doc_grad_max_docs: most distinct documents one micro-batch re-encodes with gradient
+            (positives first, then the hardest negatives); with dynamic batch size they must also
+            fit ``ppo_max_token_len_per_gpu`` next to the micro-batch's own tokens. The others keep
+            their environment vectors (no gradient); ``actor/doc_grad_frac`` reports the share.
     """
 
     coef: float = 0.1
     temperature: float = 0.05
     in_batch_negatives: bool = False
     doc_grad: bool = False
+    doc_grad_max_docs: int = 16
+
+    def __post_init__(self) -> None:
+        if self.doc_grad_max_docs < 1:
+            raise ValueError(f"search_r3.contrastive.doc_grad_max_docs must be >= 1, got {self.doc_grad_max_docs}")
 
 
 def search_r3_ppo_loss(
@@ -81,25 +101,31 @@ def search_r3_ppo_loss(
     """
     loss, metrics = ppo_loss(config, model_output, data, dp_group)
     contrastive = contrastive or ContrastiveConfig()
-    if contrastive.coef == 0 or (DOCS_KEY not in data.keys() and DOC_EMBEDDING_KEY not in model_output):
+    if contrastive.coef == 0 or DOCS_KEY not in data.keys():
         return loss, metrics
 
     query = model_output[EMBEDDING_KEY]
-    docs = model_output.get(DOC_EMBEDDING_KEY)
-    if docs is None:
-        docs = dense(data[DOCS_KEY]).to(device=query.device, dtype=torch.float32)
+    docs = dense(data[DOCS_KEY]).to(device=query.device, dtype=torch.float32)
     doc_ids = dense(data[DOC_IDS_KEY]).to(query.device)
     doc_mask = dense(data[DOC_MASK_KEY]).to(query.device).bool()
+    if DOC_EMBEDDING_KEY in model_output:  # doc_grad: re-encoded documents, env vectors for the rest
+        encoded = model_output[DOC_GRAD_MASK_KEY].to(query.device)
+        docs = torch.where(encoded[..., None], model_output[DOC_EMBEDDING_KEY].float(), docs)
+        metrics["actor/doc_grad_frac"] = encoded[doc_mask].float().mean().item() if doc_mask.any() else 0.0
     found = query.detach().norm(dim=-1) > 0
+    # a row without a positive (no embed token, verl's padding) offers no in-batch negative either
+    n_rows, n_cols = len(query), len(query) * doc_mask.shape[1]
+    exclude = (~doc_mask[:, 0])[None, :].expand(n_rows, -1)
+    exclude = torch.cat([exclude, exclude.new_zeros(n_rows, n_cols - n_rows)], dim=1)
     nce = InfoNCELoss(temperature=contrastive.temperature, in_batch_negatives=contrastive.in_batch_negatives)
     args = (query, docs[:, 0], docs[:, 1:], doc_mask[:, 1:], doc_ids[:, 0], doc_ids[:, 1:])
     n_valid = found.sum()
-    nce_sum = nce(*args, query_mask=found) * n_valid
+    nce_sum = nce(*args, query_mask=found, exclude=exclude) * n_valid
     scale = data["dp_size"] / data["global_batch_size"]
     loss = loss + contrastive.coef * nce_sum * scale
 
     with torch.no_grad():
-        scores, labels = nce.scores(*args)
+        scores, labels = nce.scores(*args, exclude=exclude)
         metrics["actor/contrastive_loss"] = (nce_sum / n_valid.clamp(min=1)).item()
         metrics["actor/contrastive_acc"] = in_batch_accuracy(scores, labels, found).item()
         metrics["actor/embed_found_frac"] = found.float().mean().item()
@@ -111,7 +137,8 @@ def document_batch(token_ids: list[list[int]], pad_to_multiple: int = 1) -> Tens
     """A forward-only batch of document prompts for :meth:`SearchR3ActorRolloutRefWorker.encode_documents`.
 
     Nested ``input_ids`` / ``position_ids`` / ``loss_mask`` ``(B', j)`` in verl's no-padding
-    layout; the list is padded (by repeating its last prompt) to a multiple of
+    layout, flagged :data:`~verl_search_r3.rl.engine.EMBED_ONLY_KEY` (decoder only, no
+    log-probs); the list is padded (by repeating its last prompt) to a multiple of
     ``pad_to_multiple`` (data-parallel size × fixed micro-batch size) so verl's dispatch and
     micro-batching split it evenly. Callers keep the first ``len(token_ids)`` outputs.
     """
@@ -130,7 +157,7 @@ def document_batch(token_ids: list[list[int]], pad_to_multiple: int = 1) -> Tens
         },
         batch_size=[len(rows)],
     )
-    tu.assign_non_tensor(batch, temperature=1.0)
+    tu.assign_non_tensor(batch, temperature=1.0, **{EMBED_ONLY_KEY: True})
     return batch
 
 
@@ -144,16 +171,15 @@ class SearchR3ActorRolloutRefWorker(ActorRolloutRefWorker):
             return
         engine = self.actor.engine
         token_id = embed_token_id(self.actor.model_config.tokenizer)
-        add_embedding_outputs(engine, engine.module, token_id)
+        settings = ContrastiveConfig(**(contrastive or {}))
+        add_embedding_outputs(engine, engine.module, token_id, doc_grad_max_docs=settings.doc_grad_max_docs)
         from functools import partial
 
         from verl.utils.config import omega_conf_to_dataclass
 
         actor_config: ActorConfig = omega_conf_to_dataclass(self.config.actor)
         actor_config.model_config = self.actor.model_config
-        self.loss_fn = partial(
-            search_r3_ppo_loss, config=actor_config, contrastive=ContrastiveConfig(**(contrastive or {}))
-        )
+        self.loss_fn = partial(search_r3_ppo_loss, config=actor_config, contrastive=settings)
         self.actor.set_loss_fn(self.loss_fn)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
@@ -161,7 +187,7 @@ class SearchR3ActorRolloutRefWorker(ActorRolloutRefWorker):
         """Embed document prompts: ``input_ids``/``position_ids`` nested ``(B, j)`` -> ``EMBEDDING_KEY (B, H)``.
 
         Runs the actor's forward-only path (micro-batching, dynamic batch size and offload as
-        configured for the log-prob pass).
+        configured for the log-prob pass) through the decoder only (see :func:`document_batch`).
         """
         tu.assign_non_tensor(data, compute_loss=False, calculate_entropy=False)
         output = self.actor.infer_batch(data)
