@@ -16,6 +16,12 @@ The paper calls its reward "DCG-scaled" without publishing the formula; ours:
 Ties are broken *against* the relevant documents (pessimistic): a collapsed embedding that
 scores every candidate equally earns the minimum, never a lucky rank. A response without an
 embed token scores ``missing_token_score`` with ``format_ok = 0``.
+
+Degenerate input has a defined result: a query embedding whose scores are all non-finite (NaN or
+inf: a NaN/inf embedding) scores ``missing_token_score`` too, with ``invalid_embedding = 1``
+(logged as a metric); a single non-finite candidate score ranks that candidate last; a candidate
+id given twice counts once, with its best score. Grades must be whole numbers: anything else in
+the ground truth is an error naming the document.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from verl.experimental.reward_loop.reward_manager import register
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
 
 from ..config_utils import dataclass_from_dict
+from ..data.collection import parse_grade
 from ..tokens import embed_token_id
 
 __all__ = [
@@ -80,7 +87,8 @@ class RankingScore:
     """Score of one rollout and the per-sample extras logged with it.
 
     ``first_relevant_rank`` is 1-based; ``len(candidates) + 1`` when no relevant document is
-    among the candidates (or the response has no embed token).
+    among the candidates (or the response has no embed token). ``invalid_embedding`` is 1 when the
+    query embedding gave no finite score (then the score is the missing-token score).
     """
 
     score: float
@@ -90,6 +98,7 @@ class RankingScore:
     first_relevant_rank: int
     recall_at_k: float
     margin: float
+    invalid_embedding: int = 0
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -114,22 +123,48 @@ def relevance_from_ground_truth(ground_truth: Any) -> dict[str, int]:
     mapping ``{doc_id: grade}``, or a list of doc ids (grade 1 each).
     """
     if isinstance(ground_truth, Mapping) and "doc_ids" in ground_truth:
-        ids = list(ground_truth["doc_ids"])
-        grades = ground_truth.get("grades")
+        ids, grades = ground_truth["doc_ids"], ground_truth.get("grades")
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise ValueError(f"ground_truth doc_ids must be a list of ids, got {type(ids).__name__}")
+        if grades is not None and not isinstance(grades, (list, tuple, np.ndarray)):
+            raise ValueError(f"ground_truth grades must be a list of whole numbers, got {type(grades).__name__}")
+        ids = list(ids)
         grades = [1] * len(ids) if grades is None else list(grades)
         if len(grades) != len(ids):
             raise ValueError(f"ground_truth has {len(ids)} doc_ids but {len(grades)} grades")
-        return {str(d): int(g) for d, g in zip(ids, grades)}
+        return {str(d): _grade(d, g) for d, g in zip(ids, grades)}
     if isinstance(ground_truth, Mapping):
-        return {str(d): int(g) for d, g in ground_truth.items()}
+        return {str(d): _grade(d, g) for d, g in ground_truth.items()}
     if isinstance(ground_truth, (list, tuple, np.ndarray)):
         return {str(d): 1 for d in ground_truth}
     raise ValueError(f"unsupported ground_truth {type(ground_truth).__name__}: expected doc ids with grades")
 
 
-def missing_token_score(n_candidates: int, config: RewardConfig) -> RankingScore:
-    """The defined score of a response that has no embed token."""
-    return RankingScore(config.missing_token_score, 0, 0.0, 0.0, n_candidates + 1, 0.0, 0.0)
+def _grade(doc_id: Any, grade: Any) -> int:
+    g = parse_grade(grade)
+    if g is None:
+        raise ValueError(f"ground_truth grade of document {str(doc_id)!r} is {grade!r}; grades must be whole numbers")
+    return g
+
+
+def missing_token_score(n_candidates: int, config: RewardConfig, invalid_embedding: bool = False) -> RankingScore:
+    """The defined score of a response that has no embed token (or, ``invalid_embedding``, whose
+    embedding gave no finite score)."""
+    return RankingScore(config.missing_token_score, 0, 0.0, 0.0, n_candidates + 1, 0.0, 0.0, int(invalid_embedding))
+
+
+def _merge_duplicates(ids: Sequence[str], scores: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Each id once, in order of first appearance, with its best score (non-finite ones count
+    only when the id has no finite score)."""
+    ids = [str(d) for d in ids]
+    if len(set(ids)) == len(ids):
+        return ids, scores
+    best: dict[str, float] = {}
+    for d, s in zip(ids, scores):
+        old = best.get(d)
+        if old is None or (np.isfinite(s) and (not np.isfinite(old) or s > old)):
+            best[d] = s
+    return list(best), np.array(list(best.values()), dtype=np.float64)
 
 
 def score_ranking(
@@ -141,17 +176,24 @@ def score_ranking(
     """Score one query's ranking.
 
     Args:
-        candidate_ids: ``(C,)`` candidate document ids (should include the relevant ones).
-        candidate_scores: ``(C,)`` cosine similarities of the query embedding with the candidates.
+        candidate_ids: ``(C,)`` candidate document ids (should include the relevant ones); an id
+            given twice counts once, with its best score.
+        candidate_scores: ``(C,)`` cosine similarities of the query embedding with the candidates;
+            all non-finite = an invalid embedding (the missing-token score), some = those rank last.
         relevance: ``{doc_id: grade}`` of the query (grades < ``min_grade`` are ignored).
         config: reward knobs.
     """
     if len(candidate_ids) != len(candidate_scores):
         raise ValueError(f"{len(candidate_ids)} candidate ids but {len(candidate_scores)} scores")
+    candidate_ids, s = _merge_duplicates(candidate_ids, np.asarray(candidate_scores, dtype=np.float64))
+    finite = np.isfinite(s)
+    if len(s) and not finite.any():
+        return missing_token_score(len(candidate_ids), config, invalid_embedding=True)
+    s = np.where(finite, s, -np.inf)  # a non-finite score (a NaN/inf vector) ranks its candidate last
     grades = {d: g for d, g in relevance.items() if g >= config.min_grade}
-    gains = np.array([grades.get(str(d), 0) for d in candidate_ids], dtype=np.float64)
+    gains = np.array([grades.get(d, 0) for d in candidate_ids], dtype=np.float64)
     is_rel = gains > 0
-    order = rank_candidates(candidate_scores, is_rel)
+    order = rank_candidates(s, is_rel)
     ranked_gains = gains[order]
     k = config.k
 
@@ -162,8 +204,8 @@ def score_ranking(
     rr = 1.0 / first if first <= k else 0.0
     recall = float((ranked_gains[:k] > 0).sum() / len(grades)) if grades else 0.0
 
-    s = np.asarray(candidate_scores, dtype=np.float64)
-    margin = float(s[is_rel].max() - s[~is_rel].max()) if is_rel.any() and (~is_rel).any() else 0.0
+    rel_ok, other_ok = is_rel & finite, ~is_rel & finite
+    margin = float(s[rel_ok].max() - s[other_ok].max()) if rel_ok.any() and other_ok.any() else 0.0
     base = ndcg if config.mode == "ndcg" else rr
     return RankingScore(base + config.margin_weight * margin, 1, ndcg, rr, first, recall, margin)
 

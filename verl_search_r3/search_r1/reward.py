@@ -79,16 +79,23 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
 
 def golden_answers(ground_truth: Any) -> list[str]:
     """The golden answers of ``reward_model.ground_truth``: ``{"target": [...]}`` (Search-R1's
-    layout, what ``data_prep/build_search_r1_data.py`` writes), a list, or one string."""
+    layout, what ``data_prep/build_search_r1_data.py`` writes), a list, or one string.
+
+    Null answers are dropped (never the string ``"None"``); numbers are written as text. No answer
+    left is an error: no prediction could ever match.
+    """
     if isinstance(ground_truth, Mapping):
         if "target" not in ground_truth:
             raise ValueError(f"ground_truth has no 'target' (golden answers): keys {sorted(ground_truth)}")
         ground_truth = ground_truth["target"]
     if isinstance(ground_truth, str):
-        return [ground_truth]
-    if isinstance(ground_truth, (list, tuple, np.ndarray)):
-        return [str(g) for g in ground_truth]
-    raise ValueError(f"unsupported ground_truth {type(ground_truth).__name__}: expected golden answer strings")
+        ground_truth = [ground_truth]
+    if not isinstance(ground_truth, (list, tuple, np.ndarray)):
+        raise ValueError(f"unsupported ground_truth {type(ground_truth).__name__}: expected golden answer strings")
+    answers = [str(g) for g in ground_truth if g is not None and str(g).strip()]
+    if not answers:
+        raise ValueError(f"ground_truth holds no golden answer (got {list(ground_truth)!r})")
+    return answers
 
 
 @dataclass(frozen=True)

@@ -40,12 +40,15 @@ Per-sequence tensors besides ``input_ids`` / ``position_ids`` / ``loss_mask`` (`
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
@@ -74,6 +77,8 @@ __all__ = [
     "relevance_exclusion",
 ]
 
+logger = logging.getLogger(__name__)
+
 ROLE_QUERY, ROLE_POSITIVE, ROLE_NEGATIVE = 0, 1, 2
 ROLE_KEY = "search_r3_role"
 GROUP_KEY = "search_r3_group"
@@ -84,6 +89,9 @@ RELEVANT_KEY = "search_r3_relevant"
 _FROM_CONFIG = "from_config"
 """Default ``split`` of :class:`PairsGroupDataset`: ``data.search_r3.train_split``."""
 _REQUIRED_COLUMNS = ("query_id", "query", "pos_id", "pos_text", "neg_ids", "neg_texts")
+_ID_COLUMNS = ("query_id", "pos_id")
+_TEXT_COLUMNS = ("query", "pos_text")
+_LIST_COLUMNS = ("neg_ids", "neg_texts")
 _PAD_KEY = -1
 
 
@@ -139,22 +147,84 @@ def stable_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big") >> 1
 
 
+def _column_types(table: pa.Table, name: str) -> pa.Table:
+    """``table`` with its id columns as strings (integer ids are accepted and written as text) and
+    list columns as ``list<string>``; any other type is an error naming the column."""
+    columns = {}
+    for col in table.column_names:
+        data, t = table.column(col), table.schema.field(col).type
+        if (col in _ID_COLUMNS and pa.types.is_integer(t)) or (col in (*_ID_COLUMNS, *_TEXT_COLUMNS) and pa.types.is_null(t)):
+            data = data.cast(pa.string())
+        elif col in _LIST_COLUMNS and pa.types.is_null(t):
+            data = data.cast(pa.list_(pa.string()))
+        elif col in _LIST_COLUMNS and (pa.types.is_list(t) or pa.types.is_large_list(t)) and (
+            pa.types.is_integer(t.value_type) or pa.types.is_null(t.value_type)
+        ):
+            data = data.cast(pa.list_(pa.string()))
+        t = data.type
+        if col in _LIST_COLUMNS and not ((pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_text(t.value_type)):
+            hint = " (a list written as text? store it as a list column)" if _is_text(t) else ""
+            raise ValueError(f"{name}: column {col!r} has type {t}, expected list<string>{hint}")
+        if col in (*_ID_COLUMNS, *_TEXT_COLUMNS) and not _is_text(t):
+            raise ValueError(f"{name}: column {col!r} has type {t}, expected string")
+        columns[col] = data
+    return pa.table(columns)
+
+
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _usable_rows(table: pa.Table, name: str) -> pa.Table:
+    """``table`` without the rows that cannot make a group: a null or blank ``query_id``,
+    ``query``, ``pos_id`` or ``pos_text`` (a null query would train as an empty one). Each
+    skipped row is counted in one warning naming the first few; none left is an error."""
+    bad = np.zeros(table.num_rows, dtype=bool)
+    reasons = np.full(table.num_rows, "", dtype=object)
+    for col in (*_ID_COLUMNS, *_TEXT_COLUMNS):
+        blank = pc.fill_null(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(table.column(col))), 0), True)
+        blank = np.asarray(blank.to_numpy(zero_copy_only=False), dtype=bool)
+        reasons[blank & ~bad] = f"null or empty {col!r}"
+        bad |= blank
+    if not bad.any():
+        return table
+    rows = np.flatnonzero(bad)
+    qids = table.column("query_id").to_pylist()
+    examples = "; ".join(f"row {r} (query_id={qids[r]!r}): {reasons[r]}" for r in rows[:3])
+    if bad.all():
+        raise ValueError(f"{name}: no usable row: {examples}")
+    logger.warning("%s: skipped %d of %d rows that cannot make a group, e.g. %s", name, len(rows), table.num_rows, examples)
+    return table.filter(pa.array(~bad))
+
+
 def _select_columns(table: pa.Table, name: str, reasoning_key: str) -> pa.Table:
-    """The columns the dataset reads; clear error naming ``name`` when one is missing."""
+    """The columns the dataset reads; clear error naming ``name`` when one is missing or has the
+    wrong type."""
     missing = [c for c in _REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{name}: missing column(s) {missing}; expected the pairs.parquet layout of data_prep/build_pairs.py")
-    return table.select([*_REQUIRED_COLUMNS, *(c for c in ("split", reasoning_key) if c in table.column_names)])
+    table = table.select([*_REQUIRED_COLUMNS, *(c for c in ("split", reasoning_key) if c in table.column_names)])
+    return _column_types(table, name)
 
 
 def _read_pairs(source: str | Sequence[str] | pa.Table, reasoning_key: str) -> tuple[pa.Table, str]:
-    """All pairs as one table, and a name for messages."""
+    """All usable pairs as one table (see :func:`_usable_rows`), and a name for messages."""
     if isinstance(source, pa.Table):
-        return _select_columns(source, "pairs table", reasoning_key), "pairs table"
+        return _usable_rows(_select_columns(source, "pairs table", reasoning_key), "pairs table"), "pairs table"
     paths = [source] if isinstance(source, str) else [str(p) for p in source]
-    tables = [_select_columns(pq.read_table(p), p, reasoning_key) for p in paths]
+    tables = [_select_columns(_read_parquet(p), p, reasoning_key) for p in paths]
     table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
-    return table, ", ".join(paths)
+    name = ", ".join(paths)
+    return _usable_rows(table, name), name
+
+
+def _read_parquet(path: str) -> pa.Table:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pairs parquet {path!r} does not exist")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
 
 
 class PairsGroupDataset(Dataset):
@@ -278,10 +348,12 @@ class PairsGroupDataset(Dataset):
         else:
             seqs = [self._reasoning_sequence(index, query, trace)]
         seqs.append(self._embed_sequence(self._value("pos_text", index), "document", cfg.doc_max_length))
-        neg_ids = list(self._value("neg_ids", index) or [])[: cfg.num_negatives]
-        neg_texts = list(self._value("neg_texts", index) or [])[: cfg.num_negatives]
+        neg_ids = list(self._value("neg_ids", index) or [])
+        neg_texts = list(self._value("neg_texts", index) or [])
         if len(neg_ids) != len(neg_texts):
             raise ValueError(f"{self.source} row {index} (query_id={qid!r}): neg_ids and neg_texts differ in length")
+        negatives = [(d, t) for d, t in zip(neg_ids, neg_texts) if d and d.strip() and t and t.strip()][: cfg.num_negatives]
+        neg_ids, neg_texts = [d for d, _ in negatives], [t for _, t in negatives]  # null or empty negatives are padding
         n_pad = cfg.num_negatives - len(neg_ids)
         seqs += [self._embed_sequence(text, "document", cfg.doc_max_length) for text in neg_texts]
         seqs += [self._embed_sequence("", "document", cfg.doc_max_length)] * n_pad
