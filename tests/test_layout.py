@@ -6,7 +6,7 @@ lower layer, never a higher one; packages of one layer must not import each othe
 0. the method's core and small helpers (``tokens``, ``prompts``, ``embedding``, ``losses``, ...)
 1. ``retrieval`` (reason-then-embed inference, BM25 / dense retrievers)
 2. ``data``, ``env``
-3. ``rl``, ``search_r1``
+3. ``rl``, ``search_r1``, ``cpu`` (verl backend for machines without a GPU)
 4. ``stage1`` (its loss reads the embedding outputs of ``rl.engine``)
 5. CLIs and entry points: ``evaluate``, ``mteb_wrapper``, ``quickstart``, ``plugin``
 
@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"__init__", "tokens", "prompts", "embedding", "losses", "config_utils", "atomic", "tiny"},
     {"retrieval"},
     {"data", "env"},
-    {"rl", "search_r1"},
+    {"rl", "search_r1", "cpu"},
     {"stage1"},
     {"evaluate", "mteb_wrapper", "quickstart", "plugin"},
 ]
