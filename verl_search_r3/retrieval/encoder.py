@@ -19,7 +19,10 @@ Queries without reasoning and documents use the direct prompts of
 
 Generation runs on transformers (any device) or, for models loaded from a folder that already
 has the token, on vLLM when it is importable and CUDA is available (``backend="auto"``). Texts
-are sorted by length for batching and returned in input order.
+are sorted by length for batching and returned in input order. Decoding is greedy, or sampled
+with :class:`Sampling` (temperature and one seed per prompt, so a prompt's sample does not depend
+on the batch it runs in); :meth:`SearchR3Encoder.generate_reasoning` returns the replies
+themselves (used to write training analyses, ``verl_search_r3.data.reasoning``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..embedding import gather_embeddings, last_hidden_states, last_token_positions, pad_sequences
 from ..prompts import DEFAULT_TEMPLATES, EmbedKind, PromptTemplates, embed_prompt_ids, render_generation_prompt
@@ -47,11 +50,15 @@ __all__ = [
     "Generator",
     "MissingPolicy",
     "QueryEncoding",
+    "Reply",
+    "Sampling",
     "SearchR3Encoder",
     "TransformersGenerator",
     "VLLMGenerator",
     "length_batches",
+    "reasoning_prompt_ids",
     "resolve_device_dtype",
+    "split_reply",
     "smollm2_path",
 ]
 
@@ -121,43 +128,105 @@ class QueryEncoding:
         """How many generations ended without the embed token (0 without reasoning)."""
         return int(self.forced.sum()) if self.forced is not None else 0
 
+    @property
+    def emission_rate(self) -> float | None:
+        """Share of generations that ended with the embed token unforced; ``None`` without reasoning."""
+        return None if self.forced is None or not len(self.forced) else 1.0 - float(self.forced.mean())
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampled instead of greedy decoding.
+
+    Attributes:
+        temperature: softmax temperature (> 0).
+        seeds: one seed per prompt; a prompt's sample depends only on its seed, its prompt and
+            the model, not on the other prompts of its batch.
+    """
+
+    temperature: float
+    seeds: Sequence[int]
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"sampling temperature must be > 0, got {self.temperature}")
+
+
+class _GumbelSampler(LogitsProcessor):
+    """Sampling from ``softmax(logits / T)`` inside greedy decoding (Gumbel-max trick), with one
+    random generator per row, so each row's draws depend only on its own seed."""
+
+    def __init__(self, temperature: float, seeds: Sequence[int]):
+        self.temperature = temperature
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators]).to(scores.device)
+        gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+        return scores.float() / self.temperature + gumbel
+
 
 class Generator(Protocol):
-    """Greedy completion of token-id prompts; each result holds the generated ids, up to and
-    including the first stop id if one was generated."""
+    """Completion of token-id prompts (greedy, or ``sampling``); each result holds the generated
+    ids, up to and including the first stop id if one was generated."""
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], batch_size: int) -> list[list[int]]: ...
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        batch_size: int,
+        sampling: Sampling | None = None,
+    ) -> list[list[int]]: ...
 
 
 class TransformersGenerator:
-    """Greedy ``model.generate`` over left-padded batches sorted by length.
+    """``model.generate`` over left-padded batches sorted by length; greedy, or sampled with
+    :class:`Sampling` (per-row seeds through the Gumbel-max trick).
 
     Args:
         model: causal LM (already on its device).
         pad_id: id used for padding (masked out).
         show_progress: tqdm bar over prompts.
+        synced_gpus: keep generating until every distributed rank is done (needed when the
+            model is sharded, e.g. FSDP, where every forward is a collective).
     """
 
-    def __init__(self, model: PreTrainedModel, pad_id: int, show_progress: bool = True):
+    def __init__(self, model: PreTrainedModel, pad_id: int, show_progress: bool = True, synced_gpus: bool = False):
         self.model = model
         self.pad_id = pad_id
         self.show_progress = show_progress
+        self.synced_gpus = synced_gpus
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], batch_size: int) -> list[list[int]]:
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        batch_size: int,
+        sampling: Sampling | None = None,
+    ) -> list[list[int]]:
+        if sampling is not None and len(sampling.seeds) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling.seeds)} sampling seeds")
         device = self.model.device
         stops = set(stop_ids)
         out: list[list[int]] = [[] for _ in prompts]
         with tqdm(total=len(prompts), desc="generate reasoning", unit="query", disable=not self.show_progress) as bar:
             for batch in length_batches([len(p) for p in prompts], batch_size):
                 ids, mask = pad_sequences([prompts[i] for i in batch], self.pad_id, side="left")
+                processors = LogitsProcessorList()
+                if sampling is not None:
+                    processors.append(_GumbelSampler(sampling.temperature, [sampling.seeds[i] for i in batch]))
                 gen = self.model.generate(
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
+                    logits_processor=processors,
                     eos_token_id=list(stop_ids),
                     pad_token_id=self.pad_id,
+                    synced_gpus=self.synced_gpus,
                 )[:, ids.shape[1] :].tolist()
                 for i, row in zip(batch, gen):
                     cut = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
@@ -167,8 +236,9 @@ class TransformersGenerator:
 
 
 class VLLMGenerator:
-    """Greedy generation with vLLM (imported lazily; needs a GPU and a model folder that already
-    has the embed token). vLLM schedules its own batches, so ``batch_size`` is not used.
+    """Generation with vLLM (imported lazily; needs a GPU and a model folder that already has the
+    embed token); greedy, or sampled with a vLLM seed per prompt. vLLM schedules its own batches,
+    so ``batch_size`` is not used.
 
     Args:
         path: model folder (the tokenizer is read from it too).
@@ -182,8 +252,21 @@ class VLLMGenerator:
         self._sampling_params = SamplingParams
         self.llm = LLM(model=path, tokenizer=path, dtype=dtype, **llm_kwargs)
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, stop_ids: Sequence[int], batch_size: int) -> list[list[int]]:
-        params = self._sampling_params(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), skip_special_tokens=False)
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_ids: Sequence[int],
+        batch_size: int,
+        sampling: Sampling | None = None,
+    ) -> list[list[int]]:
+        common = dict(max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), skip_special_tokens=False)
+        if sampling is None:
+            params: Any = self._sampling_params(temperature=0.0, **common)
+        else:
+            if len(sampling.seeds) != len(prompts):
+                raise ValueError(f"{len(prompts)} prompts but {len(sampling.seeds)} sampling seeds")
+            params = [self._sampling_params(temperature=sampling.temperature, seed=int(s), **common) for s in sampling.seeds]
         outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params)
         result = []
         for out in outputs:
@@ -194,6 +277,35 @@ class VLLMGenerator:
                 ids.append(completion.stop_reason)
             result.append(ids)
         return result
+
+
+@dataclass
+class Reply:
+    """One generated reply to the reasoning prompt.
+
+    Attributes:
+        ids: the generated ids before the stop id (the analysis).
+        stop_id: the stop id that ended the generation (the embed token or an end of turn);
+            ``None`` when ``max_new_tokens`` ran out first.
+        text: ``ids`` decoded without special tokens, stripped.
+    """
+
+    ids: list[int]
+    stop_id: int | None
+    text: str
+
+
+def reasoning_prompt_ids(tokenizer: PreTrainedTokenizerBase, query: str, templates: PromptTemplates = DEFAULT_TEMPLATES) -> list[int]:
+    """Token ids of the reasoning prompt of ``query`` (system + user turn + assistant header)."""
+    return tokenizer(render_generation_prompt(tokenizer, query, templates), add_special_tokens=False)["input_ids"]
+
+
+def split_reply(generated: Sequence[int], stop_ids: Sequence[int], tokenizer: PreTrainedTokenizerBase) -> Reply:
+    """A generator result (ids up to and including the first stop id, if any) as a :class:`Reply`."""
+    ids = list(generated)
+    stop = ids.pop() if ids and ids[-1] in stop_ids else None
+    text = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+    return Reply(ids=ids, stop_id=stop, text=text)
 
 
 def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embed_id: int) -> list[int]:
@@ -335,6 +447,31 @@ class SearchR3Encoder:
 
     # ------------------------------------------------------------------ public API
 
+    def generate_reasoning(
+        self,
+        texts: Sequence[str],
+        max_new_tokens: int = 256,
+        batch_size: int = 16,
+        sampling: Sampling | None = None,
+        prompts: Sequence[Sequence[int]] | None = None,
+    ) -> list[Reply]:
+        """The model's replies to the reasoning prompt of each query (no embedding).
+
+        Args:
+            texts: N queries.
+            max_new_tokens: generation budget per query.
+            batch_size: prompts per generation batch.
+            sampling: greedy when ``None``; else temperature and one seed per query.
+            prompts: the reasoning prompt ids of ``texts``, if already tokenized.
+
+        Returns:
+            N :class:`Reply`; ``reply.stop_id == self.embed_id`` where the model wrote the token.
+        """
+        if prompts is None:
+            prompts = [reasoning_prompt_ids(self.tokenizer, q, self.templates) for q in texts]
+        generated = self.generator.generate(prompts, max_new_tokens, self.stop_ids, batch_size, sampling)
+        return [split_reply(gen, self.stop_ids, self.tokenizer) for gen in generated]
+
     def encode_documents(self, texts: Sequence[str], batch_size: int = 16, max_length: int | None = 512) -> np.ndarray:
         """Embed documents with the document prompt (``title + " " + text`` is the caller's job,
         see :func:`~verl_search_r3.prompts.format_document`). Returns ``(N, H)`` float32, unit norm."""
@@ -367,18 +504,14 @@ class SearchR3Encoder:
             return QueryEncoding(vectors=self._embed_direct(texts, "query", batch_size, max_length))
         if on_missing not in ("append", "zero"):
             raise ValueError(f"on_missing must be 'append' or 'zero', got {on_missing!r}")
-        prompts = [
-            self.tokenizer(render_generation_prompt(self.tokenizer, q, self.templates), add_special_tokens=False)["input_ids"]
-            for q in texts
-        ]
-        generated = self.generator.generate(prompts, max_new_tokens, self.stop_ids, batch_size)
-        responses, analyses, forced = [], [], np.zeros(len(texts), dtype=bool)
-        for i, gen in enumerate(generated):
-            hit = bool(gen) and gen[-1] == self.embed_id
-            body = gen[:-1] if gen and gen[-1] in self.stop_ids else gen  # drop the stop id
+        prompts = [reasoning_prompt_ids(self.tokenizer, q, self.templates) for q in texts]
+        replies = self.generate_reasoning(texts, max_new_tokens, batch_size, prompts=prompts)
+        responses, forced = [], np.zeros(len(texts), dtype=bool)
+        for i, reply in enumerate(replies):
+            hit = reply.stop_id == self.embed_id
             forced[i] = not hit
-            responses.append(body + [self.embed_id] if hit or on_missing == "append" else body)
-            analyses.append(self.tokenizer.decode(body, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip())
+            responses.append(reply.ids + [self.embed_id] if hit or on_missing == "append" else reply.ids)
+        analyses = [reply.text for reply in replies]
         vectors = self.embed_ids(
             [p + r for p, r in zip(prompts, responses)], starts=[len(p) for p in prompts], batch_size=batch_size, desc="embed queries"
         )
