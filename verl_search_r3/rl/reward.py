@@ -17,11 +17,12 @@ Ties are broken *against* the relevant documents (pessimistic): a collapsed embe
 scores every candidate equally earns the minimum, never a lucky rank. A response without an
 embed token scores ``missing_token_score`` with ``format_ok = 0``.
 
-Degenerate input has a defined result: a query embedding whose scores are all non-finite (NaN or
-inf: a NaN/inf embedding) scores ``missing_token_score`` too, with ``invalid_embedding = 1``
-(logged as a metric); a single non-finite candidate score ranks that candidate last; a candidate
-id given twice counts once, with its best score. Grades must be whole numbers: anything else in
-the ground truth is an error naming the document.
+Degenerate input has a defined result: a rollout whose query embedding was refused by the
+environment (NaN/inf or all zero: no candidates) or gave only non-finite scores scores
+``missing_token_score`` too, with ``invalid_embedding = 1`` (logged as a metric); a single
+non-finite candidate score ranks that candidate last; a candidate id given twice counts once,
+with its best score. Grades must be whole numbers: anything else in the ground truth is an error
+naming the document.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ __all__ = [
 ]
 
 CANDIDATES_KEY = "search_r3_candidates"
-"""Non-tensor batch field the trainer fills per rollout: ``{"doc_ids": [...], "scores": [...]}``."""
+"""Non-tensor batch field the trainer fills per rollout: ``{"doc_ids": [...], "scores": [...]}``;
+empty lists for a query the environment refused (see :func:`score_ranking`)."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def score_ranking(
         candidate_ids: ``(C,)`` candidate document ids (should include the relevant ones); an id
             given twice counts once, with its best score.
         candidate_scores: ``(C,)`` cosine similarities of the query embedding with the candidates;
-            all non-finite = an invalid embedding (the missing-token score), some = those rank last.
+            none, or all non-finite = an invalid embedding (the missing-token score); some
+            non-finite = those candidates rank last.
         relevance: ``{doc_id: grade}`` of the query (grades < ``min_grade`` are ignored).
         config: reward knobs.
     """
@@ -187,7 +190,7 @@ def score_ranking(
         raise ValueError(f"{len(candidate_ids)} candidate ids but {len(candidate_scores)} scores")
     candidate_ids, s = _merge_duplicates(candidate_ids, np.asarray(candidate_scores, dtype=np.float64))
     finite = np.isfinite(s)
-    if len(s) and not finite.any():
+    if not finite.any():  # no candidate at all (the query was not searched) or only NaN/inf scores
         return missing_token_score(len(candidate_ids), config, invalid_embedding=True)
     s = np.where(finite, s, -np.inf)  # a non-finite score (a NaN/inf vector) ranks its candidate last
     grades = {d: g for d, g in relevance.items() if g >= config.min_grade}
