@@ -5,13 +5,22 @@
   ``verl_search_r3``), created with ``get_if_exists=True`` so any process may create-or-get it.
   Calls run concurrently (``max_concurrency``); the index's readers-writer lock makes every
   write (one ``upsert`` = one refresh's vectors for this shard) visible whole or not at all.
-  It reserves ``num_cpus`` CPUs and no GPU (verl's placement groups hold the GPUs). On a crash
-  Ray restarts it (``max_restarts``) and it reloads the last snapshot recorded in
-  ``state_dir``; writes after that snapshot are lost.
+  It reserves ``num_cpus`` CPUs and no GPU (verl's placement groups hold the GPUs).
 * :class:`CorpusIndexClient` — routes each doc id to shard ``crc32(id) % n``; ``search`` fans
   out to every shard and merges the top-k; it implements the planner's index interface, so
   :meth:`CorpusIndexClient.refresh` runs the selective refresh against the shards, calling the
   ``encode`` callback in the caller's process (e.g. the trainer, which owns the actor workers).
+
+A crashed shard is never lost silently. Ray restarts it (``max_restarts``); it reloads the last
+snapshot recorded in ``state_dir`` (the trainer defaults it to a folder under its checkpoint
+folder, :func:`default_state_dir`) — writes after that snapshot are lost, i.e. those vectors are
+back at the snapshot's (older) versions and count as stale — or, with no snapshot recorded yet
+or an unreadable pointer or snapshot, it starts empty. Either way it keeps a restart report until
+a client repairs it: :meth:`CorpusIndexClient.recover` (run at the start of every ``refresh``,
+``full_encode`` and ``snapshot``) logs the restart as an error, re-adds the texts an empty shard
+lost (from the client's ``texts_source``) and re-encodes every document of the shard that has
+no vector with the current policy — or, with ``on_shard_restart: refuse``, raises
+:class:`ShardLostError`. The repairs are counted (:meth:`CorpusIndexClient.recovery_metrics`).
 
 Consistency across shards: a refresh writes each shard atomically, one shard after the other.
 A search that runs during a multi-shard refresh may see shard A after and shard B before the
@@ -21,12 +30,15 @@ write). That mixed-version state is the normal state of the environment anyway.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import math
 import os
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import faiss
@@ -36,12 +48,36 @@ import ray
 from ..atomic import atomic_write_text
 from .backends import topk_merge
 from .config import EnvConfig
+from .corpus import load_corpus_texts
 from .index import CorpusIndex
-from .planner import EncodeFn, RefreshPlanner, RefreshResult, full_encode
+from .planner import EncodeFn, RefreshPlanner, RefreshResult, encode_texts, full_encode
 from .snapshot import SnapshotError, atomic_directory, read_manifest, write_snapshot_files
 from .store import StalenessStats
 
-__all__ = ["CorpusIndexShard", "CorpusIndexClient", "shard_of", "shard_name", "SHARD_KEYS"]
+__all__ = [
+    "CorpusIndexShard",
+    "CorpusIndexClient",
+    "ShardLostError",
+    "RecoveryStats",
+    "TextsSource",
+    "default_state_dir",
+    "training_client",
+    "shard_of",
+    "shard_name",
+    "SHARD_KEYS",
+    "ON_SHARD_RESTART",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``EnvConfig.on_shard_restart`` values: repair a restarted shard, or stop with an error.
+ON_SHARD_RESTART = ("reencode", "refuse")
+#: Sub-folder of the trainer's checkpoint folder where shards record their last snapshot.
+STATE_SUBDIR = "search_r3_env_state"
+
+TextsSource = Callable[..., tuple[list[str], list[str]]]
+"""``texts_source(keep=predicate) -> (doc_ids, texts)``: the corpus documents whose id passes
+``predicate`` (e.g. ``functools.partial(load_corpus_texts, corpus_path)``)."""
 
 SHARD_KEYS = ("dim", "dtype", "normalize", "index_type", "ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction",
               "hnsw_ef_search", "ann_rebuild_fraction", "search_chunk_rows", "graph_k", "graph_refresh_age",
@@ -63,6 +99,47 @@ def _shard_dir(shard: int, num_shards: int) -> str:
     return f"shard-{shard:05d}-of-{num_shards:05d}"
 
 
+def default_state_dir(checkpoint_dir: str) -> str:
+    """Where the trainer's shards record their last snapshot when ``state_dir`` is null: a folder
+    under the checkpoint folder (absolute, so shard actors with another working directory agree)."""
+    return os.path.join(os.path.abspath(checkpoint_dir), STATE_SUBDIR)
+
+
+def training_client(config: EnvConfig, checkpoint_dir: str, corpus_path: str, encode: EncodeFn) -> CorpusIndexClient:
+    """The environment client of a training run: ``state_dir`` null becomes
+    :func:`default_state_dir` of ``checkpoint_dir`` (a crashed shard reloads the last checkpoint's
+    environment), an empty restarted shard re-reads its texts from ``corpus_path`` and lost
+    vectors are re-encoded with ``encode`` (see :meth:`CorpusIndexClient.recover`)."""
+    if config.state_dir is None:
+        config = config.replace(state_dir=default_state_dir(checkpoint_dir))
+    return CorpusIndexClient(config, texts_source=functools.partial(load_corpus_texts, corpus_path), encode=encode)
+
+
+class ShardLostError(RuntimeError):
+    """A shard crashed and lost documents, and the client may not (or cannot) repair it."""
+
+
+@dataclass
+class RecoveryStats:
+    """Shard restarts repaired by a client, cumulative.
+
+    Attributes:
+        shard_restarts: restarts seen (each logged as an error).
+        restarts_empty: of those, shards that came back without any state (no snapshot recorded
+            yet, or an unreadable pointer or snapshot).
+        texts_reloaded: document texts re-added from the texts source.
+        vectors_reencoded: documents re-encoded because their shard lost their vector.
+    """
+
+    shard_restarts: int = 0
+    restarts_empty: int = 0
+    texts_reloaded: int = 0
+    vectors_reencoded: int = 0
+
+    def to_metrics(self, prefix: str = "env/") -> dict[str, float]:
+        return {f"{prefix}{k}": float(v) for k, v in asdict(self).items()}
+
+
 class CorpusIndexShard:
     """One shard of the corpus index (wrapped with ``ray.remote`` by :class:`CorpusIndexClient`).
 
@@ -78,14 +155,12 @@ class CorpusIndexShard:
         faiss.omp_set_num_threads(self.config.search_threads or max(1, math.ceil(self.config.num_cpus)))
         self.index = CorpusIndex(self.config)
         self.restored_from: str | None = None
+        self.restart: dict[str, Any] | None = None
         with warnings.catch_warnings():  # Ray's own property implementation warns about a deprecated call
             warnings.simplefilter("ignore", DeprecationWarning)
             reconstructed = ray.get_runtime_context().was_current_actor_reconstructed
         if reconstructed:
-            path = self._restore_point()
-            if path is not None:
-                self.index.restore(path, expect_meta=self._meta())
-                self.restored_from = path
+            self.restart = self._reload()
 
     def _meta(self) -> dict[str, int]:
         return {"shard": self.shard, "num_shards": self.num_shards}
@@ -95,19 +170,55 @@ class CorpusIndexShard:
             return None
         return os.path.join(self.config.state_dir, f"{shard_name(self.config, self.shard)}.json")
 
-    def _restore_point(self) -> str | None:
+    def _reload(self) -> dict[str, Any]:
+        """After a crash: reload the snapshot the pointer names; never fails (a missing or
+        unreadable pointer or snapshot leaves the shard empty, said in the report)."""
+        report: dict[str, Any] = {"pid": os.getpid(), "restored_from": None, "error": None}
         pointer = self._pointer()
-        if pointer is None or not os.path.isfile(pointer):
-            return None
-        with open(pointer, encoding="utf-8") as f:
-            return json.load(f)["snapshot"]
+        if pointer is None:
+            report["error"] = "no state_dir is set, so no snapshot to reload"
+        elif not os.path.isfile(pointer):
+            report["error"] = f"no snapshot was recorded yet ({pointer} does not exist)"
+        else:
+            try:
+                with open(pointer, encoding="utf-8") as f:
+                    path = json.load(f)["snapshot"]
+                self.index.restore(path, expect_meta=self._meta())
+                report["restored_from"] = self.restored_from = path
+            except (OSError, ValueError, KeyError, TypeError) as e:  # SnapshotError is a ValueError
+                self.index = CorpusIndex(self.config)
+                report["error"] = f"cannot reload the snapshot named by {pointer}: {type(e).__name__}: {e}"
+        logger.error("corpus index shard %s restarted (pid %d): %s", shard_name(self.config, self.shard), os.getpid(),
+                     f"reloaded {report['restored_from']}" if report["error"] is None else f"started empty: {report['error']}")
+        return report
+
+    def restart_report(self) -> dict[str, Any] | None:
+        """After a crash until :meth:`acknowledge_restart`: ``{pid, restored_from, error}``
+        (``error`` set when the shard restarted empty); None otherwise."""
+        return self.restart
+
+    def acknowledge_restart(self, texts_only: bool = False) -> None:
+        """The restart has been repaired (see :meth:`CorpusIndexClient.recover`); ``texts_only``:
+        the lost texts are back, vectors are still to be re-encoded."""
+        if texts_only and self.restart is not None:
+            self.restart["texts_restored"] = True
+        else:
+            self.restart = None
+
+    def without_vector(self, batch: int = 8192) -> list[str]:
+        """Ids of documents with a text but no vector (after a restart: what must be re-encoded)."""
+        ids = self.index.doc_ids()
+        if len(self.index) >= len(ids):
+            return []
+        return [d for start in range(0, len(ids), batch)
+                for d, found in zip(ids[start : start + batch], self.index.get(ids[start : start + batch])[2]) if not found]
 
     def info(self) -> dict[str, Any]:
         """Shard number, sizes (vectors, texts), dimension, the snapshot it was restored from after a
         restart, process id and config."""
         return {"shard": self.shard, "num_shards": self.num_shards, "n_vectors": len(self.index),
                 "n_texts": self.index.num_texts, "dim": self.index.dim, "restored_from": self.restored_from,
-                "pid": os.getpid(), "config": self.config.to_dict()}
+                "restart": self.restart, "pid": os.getpid(), "config": self.config.to_dict()}
 
     def search(self, query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         return self.index.search(query_vecs, k)
@@ -167,12 +278,26 @@ class CorpusIndexClient:
         config: the environment config (or a mapping for :meth:`EnvConfig.from_dict`).
         create: create missing shard actors (``get_if_exists``); False only connects and raises
             if a shard does not exist.
+        texts_source: the corpus, to re-add the texts of a shard that restarted empty (see
+            :data:`TextsSource`); without it such a shard is a :class:`ShardLostError`.
+        encode: the encoder callback used to re-encode lost vectors when the call at hand has
+            none (:meth:`snapshot`); :meth:`refresh` and :meth:`full_encode` use their own.
     """
 
-    def __init__(self, config: EnvConfig | Mapping[str, Any], create: bool = True) -> None:
+    def __init__(
+        self,
+        config: EnvConfig | Mapping[str, Any],
+        create: bool = True,
+        texts_source: TextsSource | None = None,
+        encode: EncodeFn | None = None,
+    ) -> None:
         self.config = config if isinstance(config, EnvConfig) else EnvConfig.from_dict(config)
         if not ray.is_initialized():
             raise RuntimeError("CorpusIndexClient needs a Ray session: call ray.init() first")
+        self.texts_source, self.encode = texts_source, encode
+        self.recovery = RecoveryStats()
+        self._seen_restarts: set[tuple[int, int]] = set()
+        self._version = 0
         cfg = self.config
         self.shards = []
         for i in range(cfg.num_shards):
@@ -205,6 +330,73 @@ class CorpusIndexClient:
     def connect(cls, config: EnvConfig | Mapping[str, Any]) -> CorpusIndexClient:
         """Attach to shards another process created."""
         return cls(config, create=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the encoder callback belongs to the creating process (e.g. the trainer's workers)
+        return {**self.__dict__, "encode": None}
+
+    # ------------------------------------------------------------------ crashed shards
+    def recover(self, encode: EncodeFn | None = None, version: int | None = None) -> RecoveryStats:
+        """Repair every shard that restarted since the last repair (see the module docstring).
+
+        Args:
+            encode: encoder for lost vectors (default: the client's ``encode``); with neither, the
+                texts are re-added and the shard stays pending until a call that has one.
+            version: policy version of ``encode`` (default: the last version this client saw).
+
+        Returns:
+            The cumulative :attr:`recovery` counts.
+
+        Raises:
+            ShardLostError: ``on_shard_restart`` is ``refuse``, or an empty shard's texts cannot
+                be re-added (no ``texts_source``).
+        """
+        encode = encode or self.encode
+        version = self._version if version is None else version
+        reports = ray.get([s.restart_report.remote() for s in self.shards])
+        for i, report in enumerate(reports):
+            if report is not None:
+                self._repair(i, report, encode, version)
+        return self.recovery
+
+    def _repair(self, i: int, report: dict[str, Any], encode: EncodeFn | None, version: int) -> None:
+        shard, name, n = self.shards[i], shard_name(self.config, i), len(self.shards)
+        empty = report["error"] is not None
+        how = f"it reloaded {report['restored_from']} (later writes are lost)" if not empty else f"it started EMPTY: {report['error']}"
+        empty &= not report.get("texts_restored", False)
+        if (i, report["pid"]) not in self._seen_restarts:
+            self._seen_restarts.add((i, report["pid"]))
+            self.recovery.shard_restarts += 1
+            self.recovery.restarts_empty += int(empty)
+            logger.error("corpus index shard %s crashed and restarted (pid %d); %s", name, report["pid"], how)
+        if self.config.on_shard_restart == "refuse":
+            raise ShardLostError(f"corpus index shard {name} crashed and restarted; {how}. on_shard_restart=refuse: stopping "
+                                 "(resume from the last checkpoint, or set on_shard_restart=reencode to repair it in place)")
+        if empty:
+            if self.texts_source is None:
+                raise ShardLostError(f"corpus index shard {name} crashed and restarted empty ({report['error']}) and this client "
+                                     "has no texts_source to re-add its documents from")
+            ids, texts = self.texts_source(keep=lambda d: zlib.crc32(d.encode("utf-8")) % n == i)
+            ray.get(shard.add_texts.remote(list(ids), list(texts)))
+            self.recovery.texts_reloaded += len(ids)
+            logger.error("corpus index shard %s: re-added %d document texts", name, len(ids))
+            ray.get(shard.acknowledge_restart.remote(texts_only=True))  # a second pass only re-encodes
+        lost = ray.get(shard.without_vector.remote())
+        if lost:
+            if encode is None:
+                logger.error("corpus index shard %s: %d documents have no vector; they are re-encoded at the next refresh",
+                             name, len(lost))
+                return
+            texts = ray.get(shard.texts.remote(lost))
+            vecs = encode_texts(encode, texts, self.config.encode_batch_size)
+            ray.get(shard.upsert.remote(lost, vecs, version, False))
+            self.recovery.vectors_reencoded += len(lost)
+            logger.error("corpus index shard %s: re-encoded %d documents that lost their vector (version %d)", name, len(lost), version)
+        ray.get(shard.acknowledge_restart.remote())
+
+    def recovery_metrics(self, prefix: str = "env/") -> dict[str, float]:
+        """Cumulative repair counts (:class:`RecoveryStats`) as tracking metrics."""
+        return self.recovery.to_metrics(prefix)
 
     # ------------------------------------------------------------------ routing
     def _route(self, ids: Sequence[str]) -> list[np.ndarray]:
@@ -242,12 +434,16 @@ class CorpusIndexClient:
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """See :meth:`CorpusIndex.get`."""
         parts = self._scatter("get", ids)
-        dim = next((res[0].shape[1] for _, res in parts), 0)
-        vecs = np.zeros((len(ids), dim), np.float32)
+        dims = {res[0].shape[1] for _, res in parts} - {0}  # a shard without vectors (e.g. restarted empty) has dim 0
+        if len(dims) > 1:
+            raise ValueError(f"the shards hold vectors of different dimensions {sorted(dims)}")
+        vecs = np.zeros((len(ids), dims.pop() if dims else 0), np.float32)
         versions = np.full(len(ids), -1, np.int64)
         found = np.zeros(len(ids), bool)
         for pos, (v, ver, f) in parts:
-            vecs[pos], versions[pos], found[pos] = v, ver, f
+            versions[pos], found[pos] = ver, f
+            if v.shape[1] == vecs.shape[1]:
+                vecs[pos] = v
         return vecs, versions, found
 
     def neighbours(self, ids: Sequence[str], vecs: np.ndarray | None = None, version: int | None = None) -> list[list[str]]:
@@ -284,6 +480,7 @@ class CorpusIndexClient:
 
     def upsert(self, ids: Sequence[str], vecs: np.ndarray, version: int, update_graph: bool = True) -> None:
         """See :meth:`CorpusIndex.upsert` (each shard applies its part atomically)."""
+        self._version = max(self._version, version)
         vecs = np.asarray(vecs, dtype=np.float32)
         if len(vecs) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(vecs)} vectors")
@@ -294,18 +491,33 @@ class CorpusIndexClient:
 
     # ------------------------------------------------------------------ environment
     def refresh(self, query_vecs: np.ndarray, relevant_ids: Sequence[Sequence[str]], version: int, encode: EncodeFn) -> RefreshResult:
-        """One step's selective refresh over the shards (see :meth:`RefreshPlanner.refresh`)."""
-        return RefreshPlanner(self.config).refresh(self, query_vecs, relevant_ids, version, encode)
+        """One step's selective refresh over the shards (see :meth:`RefreshPlanner.refresh`),
+        after repairing restarted shards; a shard that crashes during the refresh is repaired and
+        the refresh run once more."""
+        self._version = max(self._version, version)
+        self.recover(encode, version)
+        try:
+            return RefreshPlanner(self.config).refresh(self, query_vecs, relevant_ids, version, encode)
+        except Exception:
+            if not any(ray.get([s.restart_report.remote() for s in self.shards])):
+                raise
+            logger.error("a corpus index shard restarted during the refresh: repairing it and refreshing again")
+            self.recover(encode, version)
+            return RefreshPlanner(self.config).refresh(self, query_vecs, relevant_ids, version, encode)
 
     def full_encode(self, encode: EncodeFn, version: int) -> int:
-        """Encode the whole corpus (see :func:`verl_search_r3.env.planner.full_encode`)."""
+        """Encode the whole corpus (see :func:`verl_search_r3.env.planner.full_encode`), after
+        repairing restarted shards."""
+        self._version = max(self._version, version)
+        self.recover(encode, version)
         return full_encode(self, encode, version, self.config.encode_batch_size, self.config.progress)
 
     def snapshot(self, path: str) -> None:
         """Atomically snapshot every shard into ``path/shard-XXXXX-of-XXXXX`` plus a manifest, and
         make it the snapshot each shard reloads after a restart. ``path`` must be on a file
-        system every shard can reach."""
+        system every shard can reach. Restarted shards are repaired first (see :meth:`recover`)."""
         n = len(self.shards)
+        self.recover()
         with atomic_directory(path) as tmp:
             ray.get([s.save.remote(os.path.join(tmp, _shard_dir(i, n))) for i, s in enumerate(self.shards)])
             write_snapshot_files(tmp, {}, {"num_shards": n, "shards": [_shard_dir(i, n) for i in range(n)]})

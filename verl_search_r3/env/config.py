@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,7 +69,11 @@ class EnvConfig:
         max_task_retries: retries of a call interrupted by a shard crash (all calls are idempotent).
         detached: keep the actors alive after the creating process exits (kill with ``shutdown``).
         state_dir: directory where shards record their last snapshot path, read on restart
-            (None = a restarted shard starts empty).
+            (None = a restarted shard starts empty; the ``search_r3`` trainer sets it to a folder
+            under ``trainer.default_local_dir``).
+        on_shard_restart: what a client does about a shard that crashed and restarted:
+            ``reencode`` (log it, re-add the texts and re-encode the vectors it lost, count it in
+            the ``env/`` metrics) or ``refuse`` (stop with an error).
     """
 
     dim: int = 0
@@ -107,12 +111,15 @@ class EnvConfig:
     max_task_retries: int = 2
     detached: bool = True
     state_dir: str | None = None
+    on_shard_restart: Literal["reencode", "refuse"] = "reencode"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"env dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"env index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
+        if self.on_shard_restart not in ("reencode", "refuse"):
+            raise ValueError(f"env on_shard_restart must be 'reencode' or 'refuse', got {self.on_shard_restart!r}")
         positive = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
                     "search_chunk_rows", "candidates_k", "encode_batch_size", "num_shards", "max_concurrency")
         for name in positive:

@@ -43,7 +43,7 @@ from verl.utils.debug import marked_timer
 
 from ..config_utils import dataclass_from_dict
 from ..env import EnvConfig, RefreshResult
-from ..env.actor import CorpusIndexClient
+from ..env.actor import training_client
 from ..env.corpus import load_corpus_texts
 from ..prompts import embed_prompt_ids
 from ..tokens import embed_token_id
@@ -216,7 +216,9 @@ class SearchR3Trainer(PPOTrainerSync):
         self.search_r3 = SearchR3Settings.from_config(self.config)
         embed_token_id(self.tokenizer)  # fail early, with the fix in the message, if the model lacks the token
         self.actor_rollout_wg.configure_search_r3(contrastive=vars(self.search_r3.contrastive))
-        self.env = CorpusIndexClient(self.search_r3.env)
+        # a crashed shard reloads the last checkpoint's environment and is repaired (texts, vectors) by the client
+        self.env = training_client(self.search_r3.env, self.config.trainer.default_local_dir, self.search_r3.corpus_path,
+                                   self._encode_documents)
         self._start_environment()
         super().on_init_end()
 
@@ -308,6 +310,7 @@ class SearchR3Trainer(PPOTrainerSync):
             result = self._rank_without_refresh(query_vecs, relevant_ids)
         prefix = "env/" if training else "val-env/"
         metrics.update(result.stats.to_metrics(prefix))
+        metrics.update(self.env.recovery_metrics(prefix))  # crashed shards repaired so far
 
         n = len(batch)
         doc_index = {d: u for u, d in enumerate(result.doc_ids)}
