@@ -268,7 +268,12 @@ class CorpusIndex:
     def load(cls, path: str, config: EnvConfig | None = None) -> CorpusIndex:
         """A new index from a snapshot; ``config`` defaults to the one saved in it."""
         if config is None:
-            config = EnvConfig.from_dict(read_manifest(path)["meta"]["config"])
+            meta = read_manifest(path)["meta"]
+            if "config" not in meta:  # e.g. the top folder of a sharded snapshot (CorpusIndexClient.snapshot)
+                raise SnapshotError(f"{os.path.join(path, MANIFEST)}: not a single-index snapshot (a sharded snapshot of "
+                                    f"{meta.get('num_shards')} shards?); load one of its shard folders, or restore it with "
+                                    "CorpusIndexClient.restore")
+            config = EnvConfig.from_dict(meta["config"])
         index = cls(config)
         index.restore(path)
         return index
