@@ -46,3 +46,36 @@ def test_import_verl_registers_everything():
     assert "agent_loop search_r1_agent -> verl_search_r3.search_r1.agent_loop.SearchR1AgentLoop" in res.stdout
     assert "tool_parser search_r1 -> SearchR1ToolParser" in res.stdout
     assert res.stdout.strip().splitlines()[-1].startswith("OK")
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "VERL_USE_EXTERNAL_PLUGINS"}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_import_verl_stays_light_and_the_trainer_resolves_where_it_is_looked_up():
+    """Rollout servers and reward workers import verl but not the trainer (engine workers, FAISS, Ray actors)."""
+    res = _run(
+        "import sys, verl\n"
+        "heavy = [m for m in ('verl_search_r3.rl.trainer', 'verl_search_r3.env.actor', 'faiss', 'verl.workers.engine_workers') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+        "from verl.trainer.ppo.v1 import get_trainer_cls\n"
+        "print('TRAINER', get_trainer_cls('search_r3').__name__)\n"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "HEAVY []" in res.stdout and "TRAINER SearchR3Trainer" in res.stdout
+
+
+def test_a_failing_registration_import_is_reported_not_swallowed():
+    """verl logs plugin import errors at DEBUG; ours are logged as errors naming the module, and the
+    other registrations still happen."""
+    res = _run(
+        "import sys\n"
+        "sys.modules['verl_search_r3.search_r1.reward'] = None  # importing it now raises ImportError\n"
+        "import verl\n"
+        "from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls\n"
+        "print('REWARD', get_reward_manager_cls('search_r3').__name__)\n"
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "REWARD SearchR3RewardManager" in res.stdout
+    assert "importing verl_search_r3.search_r1.reward failed" in res.stderr and "Traceback" in res.stderr
