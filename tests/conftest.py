@@ -1,8 +1,10 @@
-"""Shared fixtures: a tiny random Qwen2 with a real (offline) Qwen tokenizer."""
+"""Shared fixtures: a tiny random Qwen2 with a real (offline) Qwen tokenizer, and one Ray cluster per run."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -53,3 +55,24 @@ def tiny_qwen_dir(tiny_qwen, tmp_path_factory):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test run; yields its address (``RAY_ADDRESS`` for subprocesses).
+
+    In-process tests use it directly (this process is its driver); the end-to-end runs' ``main_ppo``
+    processes attach to it (``verl_search_r3.cpu.launch.attach_overrides``) instead of starting a
+    cluster each. Resources are logical: 32 CPUs (verl's placement groups ask 3 per training
+    process, our actors 1-2 each; leftovers of one test never starve the next) and 2 GPUs (one per
+    FSDP rank of the CPU backend). Its own temporary folder; shut down and removed at the end.
+    """
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="sr3ray")
+    ray.init(num_cpus=32, num_gpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

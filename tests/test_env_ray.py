@@ -16,11 +16,7 @@ from verl_search_r3.env import CorpusIndex, EnvConfig, RefreshPlanner, SnapshotE
 from verl_search_r3.env.actor import CorpusIndexClient, shard_of  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_cluster")  # the test run's Ray cluster (tests/conftest.py)
 
 
 def _config(name: str, **kw) -> EnvConfig:

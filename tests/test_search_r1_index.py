@@ -25,13 +25,6 @@ DENSE_DOCS = 80  # MiniLM on a shared 2-core machine: a Cranfield subset keeps t
 
 
 @pytest.fixture(scope="module")
-def ray_session():
-    ray.init(num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def cranfield_passages(cranfield_dir, tmp_path_factory):
     """The first Cranfield documents as a Search-R1 passage file (title on the first line)."""
     path = tmp_path_factory.mktemp("sr1_passages") / "cranfield.jsonl"
@@ -107,7 +100,7 @@ def test_build_index_cli_contract(tmp_path, capsys):
     assert e.value.code == 2
 
 
-def test_dense_index_through_the_ray_actors(minilm_index, cranfield_passages, ray_session):
+def test_dense_index_through_the_ray_actors(minilm_index, cranfield_passages, ray_cluster):
     manifest = IndexManifest.load(minilm_index)
     assert manifest.kind == "sentence_transformers" and manifest.num_docs == DENSE_DOCS and manifest.num_shards == 2
     config = RetrieverConfig(index_dir=minilm_index, placement="ray", num_cpus=0.5, index_num_cpus=0.5)

