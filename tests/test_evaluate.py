@@ -134,6 +134,7 @@ def test_search_r3_tiny_model_end_to_end(cranfield_dir, tiny_dir, tmp_path, caps
     for r in results:
         assert all(0.0 <= v <= 1.0 for v in r.metrics.values())
     assert 0 <= reasoning.details["forced"] <= 6 and "forced" not in direct.details
+    assert reasoning.details["emission_rate"] == pytest.approx(1 - reasoning.details["forced"] / 6)  # unforced emission
     assert "search-r3:tiny-qwen2 (reasoning)" in capsys.readouterr().out
     lines = [json.loads(line) for line in analyses.read_text().splitlines()]
     assert len(lines) == 6 and {"qid", "query", "analysis", "forced"} <= set(lines[0])

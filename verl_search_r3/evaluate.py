@@ -119,15 +119,17 @@ def evaluate_retriever(
 
 def markdown_table(results: Sequence[SystemResult]) -> str:
     """One row per system: metrics (3 decimals), queries, seconds indexing the corpus and searching
-    (query encoding included), generations without the embed token (``forced``)."""
+    (query encoding included), generations without the embed token (``forced``) and the share
+    that wrote it unforced (``emission``)."""
     metrics = list(results[0].metrics) if results else []
-    head = ["system", *metrics, "queries", "index s", "search s", "forced"]
+    head = ["system", *metrics, "queries", "index s", "search s", "forced", "emission"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        forced = r.details.get("forced")
+        forced, emission = r.details.get("forced"), r.details.get("emission_rate")
         index_seconds = r.details.get("index_seconds")
         cells = [r.name, *(f"{r.metrics[m]:.3f}" for m in metrics), str(r.n_queries),
-                 "" if index_seconds is None else f"{index_seconds:.1f}", f"{r.seconds:.1f}", "" if forced is None else str(forced)]
+                 "" if index_seconds is None else f"{index_seconds:.1f}", f"{r.seconds:.1f}", "" if forced is None else str(forced),
+                 "" if emission is None else f"{emission:.0%}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -261,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> list[SystemResult]:
         encoding = r3_queries[name].last if name in r3_queries else None
         if encoding is not None and encoding.forced is not None:
             result.details["forced"] = encoding.n_forced
+            result.details["emission_rate"] = encoding.emission_rate
         results.append(result)
 
     print(markdown_table(results))

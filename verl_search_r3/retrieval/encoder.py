@@ -53,10 +53,12 @@ __all__ = [
     "Reply",
     "Sampling",
     "SearchR3Encoder",
+    "generation_pad_id",
     "TransformersGenerator",
     "VLLMGenerator",
     "length_batches",
     "reasoning_prompt_ids",
+    "reply_stop_ids",
     "resolve_device_dtype",
     "split_reply",
     "smollm2_path",
@@ -308,7 +310,7 @@ def split_reply(generated: Sequence[int], stop_ids: Sequence[int], tokenizer: Pr
     return Reply(ids=ids, stop_id=stop, text=text)
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embed_id: int) -> list[int]:
+def reply_stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embed_id: int) -> list[int]:
     """The embed token plus the model's end-of-turn ids (generation config and tokenizer)."""
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     ids = [embed_id, *(eos if isinstance(eos, list) else [eos] if eos is not None else [])]
@@ -317,7 +319,8 @@ def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, embed_
     return list(dict.fromkeys(ids))
 
 
-def _pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+def generation_pad_id(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id generation pads with: the tokenizer's pad, the generation config's pad, or eos."""
     for candidate in (tokenizer.pad_token_id, getattr(model.generation_config, "pad_token_id", None), tokenizer.eos_token_id):
         if candidate is not None:
             return int(candidate[0] if isinstance(candidate, list) else candidate)
@@ -361,8 +364,8 @@ class SearchR3Encoder:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.templates = templates
-        self.pad_id = _pad_id(model, tokenizer)
-        self.stop_ids = _stop_ids(model, tokenizer, self.embed_id)
+        self.pad_id = generation_pad_id(model, tokenizer)
+        self.stop_ids = reply_stop_ids(model, tokenizer, self.embed_id)
         self.show_progress = show_progress
         self.generator: Generator = generator if generator is not None else TransformersGenerator(model, self.pad_id, show_progress)
 

@@ -290,6 +290,15 @@ class PairsGroupDataset(Dataset):
     def __len__(self) -> int:
         return len(self._columns["query_id"])
 
+    def distinct_queries(self, limit: int) -> list[str]:
+        """The texts of the first ``limit`` distinct queries of the selected rows (file order)."""
+        seen: dict[str, str] = {}
+        for qid, query in zip(self._columns["query_id"].to_pylist(), self._columns["query"].to_pylist()):
+            if len(seen) >= limit:
+                break
+            seen.setdefault(qid, query)
+        return list(seen.values())
+
     @property
     def group_size(self) -> int:
         return self.config.group_size

@@ -12,6 +12,10 @@ pieces swapped in; the training loop, checkpointing, resume, validation and logg
   from it; the policy engine also returns the unit hidden state at the embed token
   (:func:`~verl_search_r3.rl.engine.add_embedding_outputs`);
 * **loss** — :class:`~verl_search_r3.stage1.loss.Stage1EngineLoss` (SFT + KL + InfoNCE + triplet);
+* **validation** — besides verl's ``val/loss``, the policy answers the reasoning prompt for the
+  first ``search_r3.emission.queries`` validation queries (greedy) and the share of replies that
+  end with ``<|embed_token|>`` by themselves is logged as ``val/search_r3/emission_rate``
+  (:class:`EmissionCheck`): without it, Stage 2 starts from a model whose rollouts never embed;
 * **KL reference** — a frozen copy of the base model in a second, forward-only verl engine
   (``TrainingWorker``, parameters offloaded to CPU between uses by default), run on each batch
   before the policy step to get its top-k next-token log-probs on the assistant tokens. A frozen
@@ -37,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -47,12 +52,16 @@ from verl.workers.config import TrainingWorkerConfig
 from verl.workers.engine_workers import TrainingWorker
 
 from ..config_utils import dataclass_from_dict
+from ..retrieval.encoder import TransformersGenerator, generation_pad_id, reasoning_prompt_ids, reply_stop_ids
 from ..rl.engine import add_embedding_outputs
 from ..tokens import EMBED_TOKEN, add_embed_token, embed_token_id
 from .data import GroupCollator, GroupDataConfig, PairsGroupDataset
 from .loss import REF_IDS_KEY, REF_LOGP_KEY, Stage1EngineLoss, Stage1LossConfig, add_reference_topk_outputs, assign_group_counts
 
 __all__ = [
+    "EMISSION_METRIC",
+    "EmissionConfig",
+    "EmissionCheck",
     "Stage1Config",
     "prepare_base_model",
     "Stage1TrainingWorker",
@@ -65,6 +74,30 @@ _SOURCE_FILE = "search_r3_source.json"
 """Written into a prepared base-model folder: which model it was made from, and how."""
 _HF_DIR = "huggingface"
 """Sub-folder of a verl checkpoint that holds the HF model (``checkpoint.save_contents: hf_model``)."""
+EMISSION_METRIC = "val/search_r3/emission_rate"
+"""Logged metric: share of greedy replies to the reasoning prompt that end with the embed token unforced."""
+REPLY_TOKENS_METRIC = "val/search_r3/reply_tokens"
+"""Logged metric: mean length of those replies in tokens (the stop id included)."""
+
+
+@dataclass
+class EmissionConfig:
+    """The emission check of the validation (config block ``search_r3.emission``).
+
+    Attributes:
+        queries: distinct validation queries (the first ones of ``data.val_files``' validation
+            split) whose reasoning replies are checked at every validation; 0 = off.
+        max_new_tokens: reply budget; a reply without the token within it counts as not emitted.
+        batch_size: prompts per ``generate`` call.
+    """
+
+    queries: int = 32
+    max_new_tokens: int = 128
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if self.queries < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError("search_r3.emission: queries must be >= 0, max_new_tokens and batch_size >= 1")
 
 
 @dataclass
@@ -80,6 +113,7 @@ class Stage1Config:
             ``actor_rollout_ref.model.path``); null = no copy.
         ref_param_offload: keep the frozen KL reference's parameters on CPU between batches.
         loss: the loss terms, see :class:`~verl_search_r3.stage1.loss.Stage1LossConfig`.
+        emission: the validation's emission check, see :class:`EmissionConfig`.
     """
 
     embed_token_init: str = "mean"
@@ -87,12 +121,14 @@ class Stage1Config:
     export_dir: str | None = None
     ref_param_offload: bool = True
     loss: Stage1LossConfig = field(default_factory=Stage1LossConfig)
+    emission: EmissionConfig = field(default_factory=EmissionConfig)
 
     @classmethod
     def from_config(cls, cfg: Any) -> Stage1Config:
         """From a mapping or an OmegaConf node (missing keys take the defaults above)."""
         values = dict(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg or {})
         values["loss"] = Stage1LossConfig.from_config(values.get("loss"))
+        values["emission"] = dataclass_from_dict(EmissionConfig, values.get("emission"), "search_r3.emission")
         return dataclass_from_dict(cls, values, "search_r3")
 
 
@@ -149,6 +185,55 @@ def _reduce_metrics(output: TensorDict | None) -> TensorDict | None:
     return output
 
 
+class EmissionCheck:
+    """The unforced emission rate of the policy on fixed validation queries, at validation steps.
+
+    verl's SFT loop logs only ``val/loss`` from its validation pass, but logs every metric a
+    training step returns; the check therefore runs right after the update of each step at
+    which verl validates (``trainer.test_freq`` and the last step) — on the model that
+    validation sees — and its figures join that step's metrics. Replies are greedy, to the
+    reasoning prompt, on the engine's module in eval mode; the queries are split over the data
+    parallel ranks (``synced_gpus`` keeps the sharded forwards in step) and the counts summed.
+
+    Args:
+        queries: the validation query texts.
+        tokenizer: the policy's tokenizer (with the embed token).
+        config: budgets.
+        test_freq: verl's ``trainer.test_freq`` (``<= 0``: only the last step).
+        total_steps: the last step.
+        start_step: the step training resumes from.
+    """
+
+    def __init__(self, queries: list[str], tokenizer: Any, config: EmissionConfig, test_freq: int, total_steps: int, start_step: int = 0):
+        self.prompts = [reasoning_prompt_ids(tokenizer, q) for q in queries]
+        self.tokenizer, self.config = tokenizer, config
+        self.embed_id = embed_token_id(tokenizer)
+        self.test_freq, self.total_steps, self.step = test_freq, total_steps, start_step
+
+    def advance(self) -> bool:
+        """Count one training step; True if verl validates after it."""
+        self.step += 1
+        return self.step >= self.total_steps or (self.test_freq > 0 and self.step % self.test_freq == 0)
+
+    @torch.no_grad()
+    def measure(self, module: torch.nn.Module, device: torch.device | str = "cpu", group: Any = None) -> dict[str, float]:
+        """Generate on ``module`` (already in eval mode); ``{EMISSION_METRIC, REPLY_TOKENS_METRIC}``."""
+        rank, world = (dist.get_rank(group), dist.get_world_size(group)) if dist.is_initialized() else (0, 1)
+        per_rank = -(-len(self.prompts) // world)
+        mine = self.prompts[rank * per_rank : (rank + 1) * per_rank]
+        n_real = len(mine)
+        mine += [self.prompts[0]] * (per_rank - n_real)  # equal work per rank; padding is not counted
+        generator = TransformersGenerator(module, generation_pad_id(module, self.tokenizer), show_progress=False, synced_gpus=world > 1)
+        replies = generator.generate(mine, self.config.max_new_tokens, reply_stop_ids(module, self.tokenizer, self.embed_id), self.config.batch_size)
+        replies = replies[:n_real]
+        counts = torch.tensor([sum(bool(r) and r[-1] == self.embed_id for r in replies), sum(len(r) for r in replies), n_real],
+                              dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(counts, group=group)
+        emitted, tokens, n = counts.tolist()
+        return {EMISSION_METRIC: emitted / max(n, 1), REPLY_TOKENS_METRIC: tokens / max(n, 1)}
+
+
 class Stage1TrainingWorker(TrainingWorker):
     """verl's ``TrainingWorker`` for Stage 1: keeps groups whole and adds the KL reference.
 
@@ -167,6 +252,7 @@ class Stage1TrainingWorker(TrainingWorker):
         super().__init__(config=config)
         self.group_size = group_size
         self.reference = reference
+        self.emission: EmissionCheck | None = None
 
     def install(self, token_id: int, kl_topk: int) -> None:
         """After ``reset()``: embedding outputs on the policy engine, build the reference."""
@@ -191,7 +277,13 @@ class Stage1TrainingWorker(TrainingWorker):
 
     def train_batch(self, data: TensorDict) -> TensorDict | None:
         self.prepare_batch(data)
-        return _reduce_metrics(super().train_batch(data))
+        output = _reduce_metrics(super().train_batch(data))
+        if self.emission is not None and self.emission.advance():
+            with self.engine.eval_mode():
+                figures = self.emission.measure(self.engine.module, self.engine.module.device, self.engine.get_data_parallel_group())
+            if output is not None:
+                tu.get(output, "metrics").update(figures)
+        return output
 
     def infer_batch(self, data: TensorDict) -> TensorDict | None:
         self.prepare_batch(data, compute_loss=tu.get(data, key="compute_loss", default=True))
@@ -249,6 +341,12 @@ class SearchR3SFTTrainer(SFTTrainer):
                 config.model.path = path
                 config.model.tokenizer_path = None
         super().__init__(config)
+        emission = self.stage1.emission
+        if self.val_dataset is not None and emission.queries > 0:
+            self.training_client.emission = EmissionCheck(
+                self.val_dataset.distinct_queries(emission.queries), self.model_config.tokenizer, emission,
+                int(self.test_freq or 0), self.total_training_steps, self.resume_global_step,
+            )
 
     def _build_dataset(self) -> None:
         data, tokenizer = self.config.data, self.model_config.tokenizer
