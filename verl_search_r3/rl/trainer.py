@@ -10,10 +10,20 @@ Selected with ``trainer.v1.trainer_mode=search_r3``. It is :class:`PPOTrainerSyn
 * the RL environment (:mod:`verl_search_r3.env`, Ray shard actors) started or attached in
   ``on_init_end``, filled from ``search_r3.corpus_path`` and encoded by the policy (or restored
   from ``search_r3.init_snapshot``, e.g. vectors of the Stage-1 model), and snapshotted into
-  every verl checkpoint folder (``global_step_N/search_r3_env``), restored on resume;
-* validation ranks the validation queries the same way: the reported ``reward`` and the
-  ``ndcg`` extra are the retrieval nDCG@k of the validation queries under the current policy.
+  every verl checkpoint folder (``global_step_N/search_r3_env``) before verl marks the step as
+  the latest checkpoint; restored on resume (``trainer.resume_mode`` auto or ``resume_path``),
+  pruned with the actor checkpoints (``trainer.max_actor_ckpt_to_keep``);
+* only real rollouts whose response has the embed token reach the environment: verl's padding
+  rows (tag ``is_padding``) get no reward and no contrastive documents, rollouts without the
+  token get the missing-token score. ``search_r3/score`` and ``search_r3/format_ok`` average
+  over all real rollouts, the ranking figures (``ndcg``, ``recall_at_k``, ...) over those with
+  the token;
+* validation (after the step's update and weight sync, so at policy version ``global_steps``)
+  pads the batch to the actor's data-parallel split, ranks the validation queries the same way
+  and reports ``val-search_r3/*`` and ``val-env/*`` next to verl's ``val-core``/``val-aux``
+  figures (the reward extras go to verl in ``extra_fields["reward_extra_info"]``).
 
+verl options the step cannot honour are refused at construction (:func:`check_verl_options`).
 Every knob is under the ``search_r3`` config block (see ``recipes/README.md``).
 """
 
@@ -22,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +46,7 @@ from tensordict import TensorDict
 from torch import Tensor
 from verl import DataProto
 from verl.experimental.reward_loop.reward_loop import RewardLoopManager
+from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
@@ -56,6 +68,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "SearchR3Settings",
     "SearchR3Trainer",
+    "StepFigures",
+    "check_verl_options",
     "contrastive_documents",
     "pool_grades",
     "document_prompt_fields",
@@ -64,6 +78,8 @@ __all__ = [
 ]
 
 ENV_SNAPSHOT_DIR = "search_r3_env"
+ALL_ROLLOUT_EXTRAS = ("score", "format_ok")
+"""Reward extras averaged over every real rollout; the other (ranking) extras only over rollouts with the token."""
 
 
 @dataclass
@@ -188,9 +204,82 @@ def document_prompt_fields(
     return {DOC_TOKENS_KEY: tokens, DOC_TOKEN_LENGTHS_KEY: torch.tensor([[len(p) for p in row] for row in rows])}
 
 
+def check_verl_options(config: DictConfig) -> None:
+    """Refuse verl options the Search-R3 step cannot honour, naming the key and the reason."""
+    algorithm = config.get("algorithm", {}) or {}
+    rollout_correction = algorithm.get("rollout_correction", None) or {}
+    if rollout_correction.get("bypass_mode", False):
+        raise ValueError(
+            "search_r3 does not support algorithm.rollout_correction.bypass_mode=True: bypass mode skips the "
+            "actor's old-log-prob pass, which is the forward that produces the query embeddings the reward ranks "
+            "with; set algorithm.rollout_correction.bypass_mode=False"
+        )
+    filter_groups = algorithm.get("filter_groups", None) or {}
+    if filter_groups.get("enable", False):
+        raise ValueError(
+            "search_r3 does not support algorithm.filter_groups.enable=True: group filtering needs the rewards at "
+            "sampling time, but the search_r3 reward ranks with the embeddings of the old-log-prob pass, after "
+            "sampling; set algorithm.filter_groups.enable=False"
+        )
+
+
+def _merge_env_metric(name: str, values: list[float]) -> float:
+    """One validation figure from the per-batch refresh figures: counts and seconds add up,
+    maxima and flags take the maximum, the index's staleness is the last batch's, the rest the mean."""
+    if name.startswith(("n_", "seconds_")):
+        return float(sum(values))
+    if "max" in name or name in ("budget_hit", "full_refresh"):
+        return float(max(values))
+    if name.startswith("index_"):
+        return float(values[-1])
+    return float(np.mean(values))
+
+
+@dataclass
+class StepFigures:
+    """The figures of one ranking call (one step, or one validation batch).
+
+    Attributes:
+        rollouts: reward extra -> its values over the rollouts it is reported on (see
+            :data:`ALL_ROLLOUT_EXTRAS`).
+        env: the environment's refresh figures (:meth:`RefreshStats.to_metrics` without prefix).
+    """
+
+    rollouts: dict[str, np.ndarray] = field(default_factory=dict)
+    env: dict[str, float] = field(default_factory=dict)
+
+    def metrics(self, validation: bool = False) -> dict[str, float]:
+        """``search_r3/*`` (means) and ``env/*``; ``val-`` prefixed for validation. Empty extras are left out."""
+        rollout_prefix, env_prefix = ("val-search_r3/", "val-env/") if validation else ("search_r3/", "env/")
+        out = {f"{rollout_prefix}{k}": float(np.mean(v)) for k, v in self.rollouts.items() if len(v)}
+        out.update({f"{env_prefix}{k}": v for k, v in self.env.items()})
+        return out
+
+    @staticmethod
+    def merge(parts: list[StepFigures]) -> StepFigures:
+        """The figures of several validation batches as one (see :func:`_merge_env_metric`)."""
+        rollouts: dict[str, list[np.ndarray]] = {}
+        env: dict[str, list[float]] = {}
+        for part in parts:
+            for k, v in part.rollouts.items():
+                rollouts.setdefault(k, []).append(v)
+            for k, v in part.env.items():
+                env.setdefault(k, []).append(v)
+        return StepFigures(
+            rollouts={k: np.concatenate(v) for k, v in rollouts.items()},
+            env={k: _merge_env_metric(k, v) for k, v in env.items()},
+        )
+
+
 @register_trainer("search_r3")
 class SearchR3Trainer(PPOTrainerSync):
     """verl's synchronous V1 trainer with the Search-R3 step (see the module docstring)."""
+
+    def __init__(self, config: DictConfig):
+        check_verl_options(config)  # before verl builds anything
+        self._val_figures: list[StepFigures] = []
+        self._saved_env_snapshots: list[str] = []
+        super().__init__(config)
 
     # ------------------------------------------------------------------ setup
     def _build_replay_buffer(self):
@@ -206,9 +295,19 @@ class SearchR3Trainer(PPOTrainerSync):
 
     def _load_checkpoint(self):
         super()._load_checkpoint()
-        folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
+        self._resume_env_snapshot = None
+        if self.global_steps == 0:
+            return
+        trainer = self.config.trainer
+        if trainer.resume_mode == "resume_path":  # verl resumed from this folder (relative = to the working dir)
+            folder = os.path.abspath(trainer.resume_from_path)
+        else:
+            folder = os.path.abspath(os.path.join(trainer.default_local_dir, f"global_step_{self.global_steps}"))
         snapshot = os.path.join(folder, ENV_SNAPSHOT_DIR)
-        self._resume_env_snapshot = snapshot if self.global_steps > 0 and os.path.isdir(snapshot) else None
+        if os.path.isdir(snapshot):
+            self._resume_env_snapshot = snapshot
+        else:
+            logger.warning("search_r3: %s has no %s: the resumed policy re-encodes the corpus", folder, ENV_SNAPSHOT_DIR)
 
     def on_init_end(self):
         # rewards need the embeddings of the log-prob pass: never stream them from the rollout
@@ -236,9 +335,24 @@ class SearchR3Trainer(PPOTrainerSync):
             self.env.full_encode(self._encode_documents, version=self.global_steps)
 
     def _save_checkpoint(self):
-        super()._save_checkpoint()
         folder = os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}")
-        self.env.snapshot(os.path.join(folder, ENV_SNAPSHOT_DIR))
+        snapshot = os.path.join(folder, ENV_SNAPSHOT_DIR)
+        # first: verl's last act is writing latest_checkpointed_iteration.txt, so a crash before it
+        # leaves the previous (complete) checkpoint as the one resumed
+        self.env.snapshot(snapshot)
+        super()._save_checkpoint()
+        self._prune_env_snapshots(snapshot)
+
+    def _prune_env_snapshots(self, saved: str) -> None:
+        """Keep the snapshots of the last ``max_actor_ckpt_to_keep`` checkpoints saved by this run,
+        as verl's checkpoint manager does for ``global_step_N/actor``."""
+        trainer = self.config.trainer
+        keep = 1 if trainer.get("remove_previous_ckpt_in_save", False) else trainer.get("max_actor_ckpt_to_keep", None)
+        self._saved_env_snapshots.append(saved)
+        if not (isinstance(keep, int) and keep > 0):
+            return
+        while len(self._saved_env_snapshots) > keep:
+            shutil.rmtree(self._saved_env_snapshots.pop(0), ignore_errors=True)
 
     # ------------------------------------------------------------------ encode callback
     def _actor_dp_size(self) -> int:
@@ -247,19 +361,24 @@ class SearchR3Trainer(PPOTrainerSync):
             wg._dispatch_info["actor"] = wg._query_dispatch_info("actor")
         return max(wg._dispatch_info["actor"]) + 1
 
+    def _log_prob_batch_multiple(self) -> int:
+        """Batch sizes the actor's forward-only passes split evenly: data-parallel size × fixed micro-batch size."""
+        rollout = self.config.actor_rollout_ref.rollout
+        micro = 1 if rollout.log_prob_use_dynamic_bsz else int(rollout.log_prob_micro_batch_size_per_gpu)
+        return self._actor_dp_size() * micro
+
     def _encode_documents(self, texts: list[str]) -> np.ndarray:
         """The environment's ``encode`` callback: document prompts through the actor, ``(n, H)``."""
         ids = [embed_prompt_ids(self.tokenizer, t, "document", self.search_r3.doc_max_length) for t in texts]
-        rollout = self.config.actor_rollout_ref.rollout
-        micro = 1 if rollout.log_prob_use_dynamic_bsz else int(rollout.log_prob_micro_batch_size_per_gpu)
-        batch = document_batch(ids, pad_to_multiple=self._actor_dp_size() * micro)
+        batch = document_batch(ids, pad_to_multiple=self._log_prob_batch_multiple())
         output = self.actor_rollout_wg.encode_documents(batch)
         return dense(output[EMBEDDING_KEY])[: len(texts)].float().numpy()
 
     # ------------------------------------------------------------------ the step
     @property
     def policy_version(self) -> int:
-        """Number of actor updates behind the current weights (global step 1 runs version 0)."""
+        """Actor updates behind the weights of the current training step: verl runs step N with
+        the weights of N - 1 updates (validation runs after step N's update: version N)."""
         return max(self.global_steps - 1, 0)
 
     def _step_once(self, metrics: dict, timing_raw: dict, sample_batch_size: int):
@@ -275,7 +394,8 @@ class SearchR3Trainer(PPOTrainerSync):
         with marked_timer("old_log_prob", timing_raw, color="blue"):
             batch = self._compute_old_log_prob(batch, metrics=metrics)
         with marked_timer("reward", timing_raw, color="yellow"):
-            batch = self._rank_and_reward(batch, metrics, refresh=True, training=True)
+            figures = self._rank_and_reward(batch, refresh=True, version=self.policy_version, training=True)
+            metrics.update(figures.metrics())
         if self.use_reference_policy:
             with marked_timer("ref", timing_raw, color="olive"):
                 batch = self._compute_ref_log_prob(batch, metrics=metrics)
@@ -286,78 +406,123 @@ class SearchR3Trainer(PPOTrainerSync):
                 batch = self._update_actor(batch, metrics=metrics)
         return batch
 
+    def _validate(self) -> dict[str, float]:
+        """verl's validation plus the Search-R3 figures of its batches (``val-search_r3/*``, ``val-env/*``)."""
+        self._val_figures = []
+        try:
+            metrics = super()._validate()
+            figures = StepFigures.merge(self._val_figures)
+        finally:
+            self._val_figures = []
+        return {**metrics, **figures.metrics(validation=True)}
+
     def _compute_reward_colocate(self, batch, metrics: dict | None = None):
-        """Validation path (verl calls this with the rollout replicas asleep): one embedding pass, then rank."""
-        batch.extra_info.update(
+        """Validation path. verl calls it with the rollout replicas asleep, after the step's update
+        and weight sync and before ``global_steps += 1``: the policy version is ``global_steps``.
+        One embedding pass over the batch padded to the actor's split, then the ranking."""
+        padded = upsample_batch_to_divisible_size(batch, self._log_prob_batch_multiple(), self.tokenizer.eos_token_id)
+        padded.extra_info.update(
             {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
         )
-        self.actor_rollout_wg.compute_log_prob(batch)
-        return self._rank_and_reward(batch, metrics if metrics is not None else {}, refresh=self.search_r3.val_refresh, training=False)
+        self.actor_rollout_wg.compute_log_prob(padded)
+        figures = self._rank_and_reward(padded, refresh=self.search_r3.val_refresh, version=self.global_steps, training=False)
+        if len(padded) > len(batch):
+            tq.kv_clear(keys=padded.keys[len(batch):], partition_id=padded.partition_id)
+        self._val_figures.append(figures)
+        if metrics is not None:
+            metrics.update(figures.metrics(validation=True))
+        return batch
 
-    def _rank_and_reward(self, batch, metrics: dict, refresh: bool, training: bool):
-        """Environment refresh + candidate ranking, the ``search_r3`` reward, and the contrastive documents."""
+    def _rank_and_reward(self, batch, refresh: bool, version: int, training: bool) -> StepFigures:
+        """Environment refresh + candidate ranking, the ``search_r3`` reward, and the contrastive documents.
+
+        Only real rows (not tagged ``is_padding``) whose response has the embed token (a non-zero
+        embedding row) are sent to the environment; padding rows get a zero reward and no
+        documents. Validation also writes the reward extras into ``extra_fields`` for verl.
+        """
         s = self.search_r3
-        fields = [EMBEDDING_KEY, "prompts", "responses", "reward_model", "data_source"]
+        fields = [EMBEDDING_KEY, "prompts", "responses", "reward_model", "data_source"] + ([] if training else ["extra_fields"])
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         query_vecs = dense(data[EMBEDDING_KEY]).float().numpy()
-        reward_models = list(data["reward_model"])
-        relevance = [relevance_from_ground_truth(rm["ground_truth"]) for rm in reward_models]
+        n = len(batch)
+        real = np.array([not tag.get("is_padding", False) for tag in batch.tags], dtype=bool)
+        found = real & (query_vecs != 0).any(axis=1)  # a zero row: no embed token (NaN rows are the env's to judge)
+        real_rows, found_rows = np.flatnonzero(real), np.flatnonzero(found)
+        reward_models, data_sources = list(data["reward_model"]), list(data["data_source"])
+        relevance = [relevance_from_ground_truth(reward_models[i]["ground_truth"]) for i in found_rows]
         relevant_ids = [[d for d, g in rel.items() if g >= s.reward.min_grade] for rel in relevance]
 
         if refresh:
-            result = self.env.refresh(query_vecs, relevant_ids, self.policy_version, self._encode_documents)
+            result = self.env.refresh(query_vecs[found_rows], relevant_ids, version, self._encode_documents)
         else:
-            result = self._rank_without_refresh(query_vecs, relevant_ids)
-        prefix = "env/" if training else "val-env/"
-        metrics.update(result.stats.to_metrics(prefix))
-        metrics.update(self.env.recovery_metrics(prefix))  # crashed shards repaired so far
+            result = self._rank_without_refresh(query_vecs[found_rows], relevant_ids, version)
 
-        n = len(batch)
         doc_index = {d: u for u, d in enumerate(result.doc_ids)}
-        grades = [pool_grades(result, relevance[i], doc_index) for i in range(n)]
-        candidates = np.empty(n, dtype=object)
-        candidates[:] = [reward_candidates(result, i, grades[i], s.reward_candidates) for i in range(n)]
+        grades = {i: pool_grades(result, relevance[j], doc_index) for j, i in enumerate(found_rows)}
+        query_row = {i: j for j, i in enumerate(found_rows)}  # batch row -> row of result.scores
+        candidates = np.empty(len(real_rows), dtype=object)
+        candidates[:] = [
+            reward_candidates(result, query_row[i], grades[i], s.reward_candidates) if found[i] else {"doc_ids": [], "scores": []}
+            for i in real_rows
+        ]
         prompt_lengths = data["prompts"].offsets().diff()
         response_lengths = data["responses"].offsets().diff()
-        prompts = data["prompts"].to_padded_tensor(padding=self.tokenizer.pad_token_id)
-        responses = data["responses"].to_padded_tensor(padding=self.tokenizer.pad_token_id)
+        prompts = data["prompts"].to_padded_tensor(padding=self.tokenizer.pad_token_id)[real_rows]
+        responses = data["responses"].to_padded_tensor(padding=self.tokenizer.pad_token_id)[real_rows]
         attention_mask = torch.cat(
-            [self._lengths_to_mask(prompt_lengths, prompts.size(1)), self._lengths_to_mask(response_lengths, responses.size(1))],
+            [
+                self._lengths_to_mask(prompt_lengths[real_rows], prompts.size(1)),
+                self._lengths_to_mask(response_lengths[real_rows], responses.size(1)),
+            ],
             dim=1,
         )
         rm_input = DataProto(
-            batch=TensorDict({"prompts": prompts, "responses": responses, "attention_mask": attention_mask}, batch_size=n),
+            batch=TensorDict({"prompts": prompts, "responses": responses, "attention_mask": attention_mask}, batch_size=len(real_rows)),
             non_tensor_batch={
-                "reward_model": _object_array(reward_models),
-                "data_source": _object_array(list(data["data_source"])),
+                "reward_model": _object_array([reward_models[i] for i in real_rows]),
+                "data_source": _object_array([data_sources[i] for i in real_rows]),
                 CANDIDATES_KEY: candidates,
             },
         )
         rm_output = self.reward_loop_manager.compute_rm_score(rm_input)
-        padded = rm_output.batch["rm_scores"]
+        scores = torch.zeros(n, rm_output.batch["rm_scores"].shape[1])
+        scores[real_rows] = rm_output.batch["rm_scores"].float()
         write_back: dict[str, Any] = {
-            "rm_scores": torch.nested.as_nested_tensor([padded[i, : response_lengths[i]] for i in range(n)], layout=torch.jagged)
+            "rm_scores": torch.nested.as_nested_tensor([scores[i, : response_lengths[i]] for i in range(n)], layout=torch.jagged)
         }
+        figures = StepFigures(env={**result.stats.to_metrics(""), **self.env.recovery_metrics("")})
+        found_among_real = found[real_rows]
+        extras: dict[str, np.ndarray] = {}
         for key in rm_output.meta_info.get("reward_extra_keys", []):
-            write_back[key] = rm_output.non_tensor_batch[key]
             values = np.asarray(rm_output.non_tensor_batch[key], dtype=np.float64)
-            metrics[f"{'search_r3' if training else 'val-search_r3'}/{key}"] = float(values.mean())
+            extras[key] = np.zeros(n)
+            extras[key][real_rows] = values
+            write_back[key] = extras[key]
+            figures.rollouts[key] = values if key in ALL_ROLLOUT_EXTRAS else values[found_among_real]
+        if not training:  # verl's _validate reads the reward extras from extra_fields
+            extra_fields = [dict(f) if isinstance(f, dict) else {} for f in data["extra_fields"]]
+            for i, f in enumerate(extra_fields):
+                f["reward_extra_info"] = {k: float(v[i]) for k, v in extras.items()}
+            write_back["extra_fields"] = extra_fields
         if training and s.contrastive.coef:
-            docs = [contrastive_documents(result, i, grades[i], s.num_negatives) for i in range(n)]
+            k = 1 + s.num_negatives
+            none = (np.zeros((k, query_vecs.shape[1]), np.float32), [""] * k, np.zeros(k, bool))  # all rows masked
+            trains = found & np.isfinite(query_vecs).all(axis=1)  # the loss skips a NaN/inf query anyway
+            docs = [contrastive_documents(result, query_row[i], grades[i], s.num_negatives) if trains[i] else none for i in range(n)]
             write_back[DOCS_KEY] = torch.from_numpy(np.stack([d[0] for d in docs]))
             write_back[DOC_IDS_KEY] = torch.tensor([[doc_key(x) if x else -1 - j for j, x in enumerate(d[1])] for d in docs])
             write_back[DOC_MASK_KEY] = torch.from_numpy(np.stack([d[2] for d in docs]).astype(np.int64))
             if s.contrastive.doc_grad:
                 write_back.update(document_prompt_fields([d[1] for d in docs], self.env.texts, self.tokenizer, s.doc_max_length))
         tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=tu.get_tensordict(write_back))
-        return batch
+        return figures
 
-    def _rank_without_refresh(self, query_vecs: np.ndarray, relevant_ids: list[list[str]]) -> RefreshResult:
+    def _rank_without_refresh(self, query_vecs: np.ndarray, relevant_ids: list[list[str]], version: int) -> RefreshResult:
         """Rank against the stored (possibly stale) vectors: candidates plus relevant docs, no encoding."""
         from ..env.planner import RefreshPlanner
 
         planner = RefreshPlanner(self.search_r3.env.replace(budget=0, staleness_tolerance=1 << 30, full_refresh_every=0))
-        return planner.refresh(self.env, query_vecs, relevant_ids, self.policy_version, self._encode_documents)
+        return planner.refresh(self.env, query_vecs, relevant_ids, version, self._encode_documents)
 
 
 class _RewardAfterLogProb(RewardLoopManager):
