@@ -452,3 +452,23 @@ def test_decoder_only_under_fsdp2(tmp_path):
         assert model.model.norm.weight.grad is not None
     finally:
         dist.destroy_process_group()
+
+
+def test_rows_without_a_positive_offer_no_in_batch_negative(engine_and_model):
+    """A rollout without the embed token (or a verl padding row) gets all-masked documents from the
+    trainer: its zero "positive" must not enter the other rows' in-batch denominators."""
+    eng, model, E = engine_and_model
+    prompts, responses = [[1], [2], [3]], [[4, E], [5, 6, E], [7, 8]]  # the 3rd has no token
+    torch.manual_seed(3)
+    docs = torch.randn(3, 2, 64)
+    docs[2] = 0
+    doc_ids = torch.tensor([[1, 2], [3, 4], [-1, -2]])
+    mask = torch.tensor([[True, True], [True, True], [False, False]])
+    mb = _micro_batch(prompts, responses)
+    data = _rl_data(mb, responses, docs, doc_ids, mask, global_batch_size=3)
+    mo = _forward(eng, model, mb)
+    got, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1, in_batch_negatives=True))
+    q = mo[EMBEDDING_KEY][:2]
+    want_nce = InfoNCELoss(0.05)(q, docs[:2, 0], docs[:2, 1:], positive_ids=doc_ids[:2, 0], negative_ids=doc_ids[:2, 1:])
+    base, _ = ppo_loss(_actor_config(), mo, data)
+    torch.testing.assert_close(got, base + want_nce * 2 / 3)
