@@ -1,14 +1,10 @@
-"""Faults: a corpus-index shard killed under the recipe's default config, SIGTERM during a
-build, and the temporary folders a killed run leaves behind."""
+"""Faults: corpus-index shards killed under the recipe's default config (SIGTERM during a build and
+the temporary folders of killed runs are rows of ``test_bad_input_catalogue.py``)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 import zlib
@@ -19,36 +15,28 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from verl_search_r3.atomic import atomic_write_text, remove_stale_siblings, temp_sibling
-from verl_search_r3.data.outputs import AtomicFolder
 from verl_search_r3.env import EnvConfig
-from verl_search_r3.env.snapshot import atomic_directory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "config", "search_r3_grpo.yaml")
 DIM = 16
 
 
-# ---------------------------------------------------------------------- a shard crash
-
-
 @pytest.fixture(scope="module")
-def ray_session():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield ray
-    if started:
-        ray.shutdown()
+def ray_session(ray_cluster):
+    """The test run's Ray cluster (``tests/conftest.py``)."""
+    import ray
+
+    return ray
 
 
 def recipe_env(**overrides) -> EnvConfig:
     """``search_r3.env`` exactly as the shipped recipe sets it (state_dir null, detached,
-    max_restarts 3, ...), with this machine's resources, a run-unique name and 2 shards."""
+    max_restarts 3, 2 CPUs per shard on the test cluster's logical CPUs, ...), with a run-unique
+    name, no progress bars and 2 shards."""
     values = OmegaConf.to_container(OmegaConf.load(RECIPE).search_r3.env)
     assert values["state_dir"] is None and values["on_shard_restart"] == "reencode"
-    values.update(name=f"faults-{uuid.uuid4().hex[:8]}", num_cpus=0.25, progress=False, num_shards=2, **overrides)
+    values.update(name=f"faults-{uuid.uuid4().hex[:8]}", progress=False, num_shards=2, **overrides)
     return EnvConfig.from_dict(values)
 
 
