@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
     io.add_argument("--name", default=None,
                     help="dataset name; rows get data_source=search_r3/<name> (default: input base name)")
     io.add_argument("--overwrite", action="store_true",
-                    help="replace a non-empty output folder (only after the new one is complete)")
+                    help="replace a non-empty output folder (only after the new one is complete; an output that is, "
+                    "contains or lies inside an input is always refused)")
     io.add_argument("--triples", default=None, metavar="FILE",
                     help="msmarco only: TSV of qid, positive pid, negative pid; its negatives are used first")
 

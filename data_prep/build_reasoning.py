@@ -21,6 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from verl_search_r3.atomic import exit_status, sigterm_as_interrupt  # noqa: E402
 from verl_search_r3.data.issues import DataFormatError  # noqa: E402
 from verl_search_r3.data.reasoning import DROP_REASONS, ReasoningOptions, ReasoningReport, build_reasoning  # noqa: E402
 
@@ -163,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:  # bm25s sets its own logger to DEBUG; show warnings only
         handler.setLevel(logging.WARNING)
     try:
-        report = build_reasoning(opts)
+        with sigterm_as_interrupt():  # SIGTERM cleans up like Ctrl-C
+            report = build_reasoning(opts)
     except (DataFormatError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(f"interrupted; nothing was written to --output (generations so far are cached in {opts.cache_dir})", file=sys.stderr)
-        return 130
+        return exit_status(e)
     print(summary(report))
     return 0
 

@@ -46,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="an input: output split, dataset name (data_source = search_r1/NAME) and a .jsonl, "
                    ".parquet or datasets folder; repeat for several (rows keep this order)")
     p.add_argument("--output", required=True, metavar="DIR", help="output folder; created, and must be empty unless --overwrite")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only after the new one is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder (only after the new one is complete; an output that is, "
+                   "contains or lies inside an input is always refused)")
     p.add_argument("--question-field", default=d["question_field"].default, help="question field (default: %(default)s)")
     p.add_argument("--answers-field", default=d["answers_field"].default,
                    help="golden answers field: a list of strings or one string (default: %(default)s)")

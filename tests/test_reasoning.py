@@ -302,7 +302,7 @@ def test_bad_input_names_the_problem_and_writes_nothing(pairs_dir, teacher, tiny
     with pytest.raises(ValueError, match=r"--teacher .*plain_teacher: the tokenizer has no chat template"):
         build_reasoning(options(pairs_dir, tmp_path / "o5", teacher=str(plain), device="cpu"))
 
-    with pytest.raises(ValueError, match="overlap"):
+    with pytest.raises(ValueError, match="lies inside the input"):
         build_reasoning(options(pairs_dir, os.path.join(pairs_dir, "inside")), teacher=teacher)
     assert not any(os.path.exists(tmp_path / f"o{i}") for i in range(1, 6))
 

@@ -53,7 +53,7 @@ from ..prompts import DEFAULT_TEMPLATES, PromptTemplates
 from ..retrieval.encoder import Backend, Reply, Sampling, SearchR3Encoder, reasoning_prompt_ids
 from .issues import DataFormatError
 from .negatives import read_corpus_texts
-from .outputs import AtomicFolder
+from .outputs import AtomicFolder, check_distinct
 from .readers import sha256_path
 
 __all__ = [
@@ -580,13 +580,11 @@ def build_reasoning(opts: ReasoningOptions, teacher: SearchR3Encoder | None = No
     generated, for the next run).
     """
     start = time.perf_counter()
-    src, out_path = os.path.realpath(opts.input), os.path.realpath(opts.output)
-    if src == out_path or out_path.startswith(src + os.sep) or src.startswith(out_path + os.sep):
-        raise ValueError(f"--output {opts.output!r} and --input {opts.input!r} overlap; choose an output outside the input")
+    check_distinct(opts.output, [opts.input, opts.cache_dir])  # before the pairs are read
     pairs_path = os.path.join(opts.input, "pairs.parquet")
     table = _read_pairs(pairs_path)
     queries, relevant = _selected_queries(table, opts, pairs_path)
-    with AtomicFolder(opts.output, overwrite=opts.overwrite) as out:
+    with AtomicFolder(opts.output, overwrite=opts.overwrite, inputs=[opts.input, opts.cache_dir]) as out:
         if teacher is None:
             encoder, name = _load_teacher(opts)
         else:

@@ -270,7 +270,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--query-prefix", default="", help="sentence-transformers query prefix, stored for search time (E5: 'query: ')")
     p.add_argument("--document-prefix", default="", help="sentence-transformers document prefix (E5: 'passage: ')")
     p.add_argument("--strict", action="store_true", help="make every skipped row an error (exit 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder (only after the new one is complete)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty output folder (only after the new one is complete; an output that is, "
+                   "contains or lies inside an input is always refused)")
     p.add_argument("--batch-rows", type=int, default=d["batch_rows"].default, help="rows per parquet batch (default: %(default)s)")
     p.add_argument("--max-warnings", type=int, default=d["max_warnings"].default, help="skip warnings shown per reason (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
