@@ -87,7 +87,11 @@ SHARD_KEYS = ("dim", "dtype", "normalize", "index_type", "ivf_nlist", "ivf_nprob
 
 def shard_of(ids: Sequence[str], num_shards: int) -> np.ndarray:
     """``(n,)`` shard of each doc id: a stable hash (CRC-32 of the UTF-8 id) modulo ``num_shards``."""
-    return np.fromiter((zlib.crc32(i.encode("utf-8")) % num_shards for i in ids), dtype=np.int64, count=len(ids))
+    return np.fromiter((_shard_of_id(i, num_shards) for i in ids), dtype=np.int64, count=len(ids))
+
+
+def _shard_of_id(doc_id: str, num_shards: int) -> int:
+    return zlib.crc32(doc_id.encode("utf-8")) % num_shards
 
 
 def shard_name(config: EnvConfig, shard: int) -> str:
@@ -376,7 +380,7 @@ class CorpusIndexClient:
             if self.texts_source is None:
                 raise ShardLostError(f"corpus index shard {name} crashed and restarted empty ({report['error']}) and this client "
                                      "has no texts_source to re-add its documents from")
-            ids, texts = self.texts_source(keep=lambda d: zlib.crc32(d.encode("utf-8")) % n == i)
+            ids, texts = self.texts_source(keep=lambda d: _shard_of_id(d, n) == i)
             ray.get(shard.add_texts.remote(list(ids), list(texts)))
             self.recovery.texts_reloaded += len(ids)
             logger.error("corpus index shard %s: re-added %d document texts", name, len(ids))
