@@ -13,10 +13,11 @@ from importlib.metadata import PackageNotFoundError, version
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-__all__ = ["SUPPORTED_VERL", "require_verl"]
+__all__ = ["SUPPORTED_RANGE", "SUPPORTED_VERL", "require_verl"]
 
-SUPPORTED_VERL = SpecifierSet(">=0.9.1,<0.10")
+SUPPORTED_RANGE = ">=0.9.1,<0.10"
 """verl releases whose internals (file:line in each module docstring) the backend was checked against."""
+SUPPORTED_VERL = SpecifierSet(SUPPORTED_RANGE)
 
 
 def require_verl(what: str, installed: str | None = None) -> None:
@@ -33,6 +34,6 @@ def require_verl(what: str, installed: str | None = None) -> None:
             raise RuntimeError("verl_search_r3.cpu needs verl; pip install 'verl[verl-core]==0.9.1'") from err
     if Version(installed) not in SUPPORTED_VERL:
         raise RuntimeError(
-            f"verl_search_r3.cpu uses {what}, written for verl {SUPPORTED_VERL}; verl {installed} is installed. "
+            f"verl_search_r3.cpu uses {what}, written for verl {SUPPORTED_RANGE}; verl {installed} is installed. "
             "Install a supported verl or update verl_search_r3/cpu for the new internals."
         )

@@ -89,7 +89,8 @@ class SamplingParams:
         stop = values.get("stop") or ()
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         values["stop_token_ids"] = tuple(int(t) for t in values.get("stop_token_ids") or ())
-        values["logprobs"] = values.get("logprobs") not in (None, False)  # vLLM: None or a count; verl: a bool
+        logprobs = values.get("logprobs")  # vLLM: None or a count (0 = the sampled token's); verl: a bool
+        values["logprobs"] = logprobs is not None and logprobs is not False
         for key in ("temperature", "top_p", "repetition_penalty"):
             if key in values:
                 values[key] = float(values[key])
@@ -142,6 +143,20 @@ class _Abort(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
         self.fired = self.fired or bool(self.should_abort())
         return torch.full((input_ids.shape[0],), self.fired, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopStrings(StoppingCriteria):
+    """Ends a row once its *generated* text contains a stop string (transformers' own criterion
+    also matches across the prompt's tail; vLLM looks at the output only)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str], prompt_width: int) -> None:
+        self.tokenizer, self.stops, self.width = tokenizer, tuple(stops), prompt_width
+        self.window = max(len(s) for s in stops) + 1  # a stop string of c characters spans at most c tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        tail = input_ids[:, max(self.width, input_ids.shape[1] - self.window) :].tolist()
+        done = [any(s in text for s in self.stops) for text in self.tokenizer.batch_decode(tail)]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
 def _stop_string_end(tokenizer: PreTrainedTokenizerBase, ids: list[int], stops: Sequence[str]) -> int | None:
@@ -204,6 +219,7 @@ def generate(
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
     abort = _Abort(should_abort) if should_abort is not None else None
+    criteria = [c for c in (abort, _StopStrings(tokenizer, params.stop, width) if params.stop else None) if c is not None]
     # filters run in `processors` (after the recorder), none from the generation config
     sampling = {} if greedy else {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
     config = GenerationConfig(
@@ -212,15 +228,13 @@ def generate(
         **sampling,
         eos_token_id=sorted(stops) or None,
         pad_token_id=pad_id,
-        stop_strings=list(params.stop) or None,
     )
     sequences = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
         generation_config=config,
         logits_processor=LogitsProcessorList(processors),
-        stopping_criteria=StoppingCriteriaList([abort] if abort else []),
-        tokenizer=tokenizer if params.stop else None,
+        stopping_criteria=StoppingCriteriaList(criteria),
     ).cpu()
     new = sequences[:, width:]
     logprobs = recorder.finish(new[:, -1]) if recorder and new.shape[1] else None
