@@ -484,3 +484,19 @@ def test_incompatible_verl_options_are_refused_at_construction(tmp_path, overrid
     cfg = _plain_config(tmp_path, override)
     with pytest.raises(ValueError, match=f"search_r3 does not support algorithm.*{named}"):
         SearchR3Trainer(cfg)
+
+
+def test_validation_figures_merge_over_batches():
+    from verl_search_r3.rl.trainer import StepFigures
+
+    a = StepFigures({"ndcg": np.array([0.5, 1.0]), "format_ok": np.array([1.0, 1.0, 0.0])},
+                    {"n_encoded": 3.0, "seconds_total": 0.5, "requested_max_age": 2.0, "requested_mean_age": 1.0,
+                     "budget_hit": 0.0, "index_fraction_stale": 0.4})
+    b = StepFigures({"ndcg": np.array([0.0]), "format_ok": np.array([1.0])},
+                    {"n_encoded": 1.0, "seconds_total": 0.25, "requested_max_age": 1.0, "requested_mean_age": 0.0,
+                     "budget_hit": 1.0, "index_fraction_stale": 0.1})
+    m = StepFigures.merge([a, b]).metrics(validation=True)
+    assert m == {"val-search_r3/ndcg": pytest.approx(0.5), "val-search_r3/format_ok": 0.75, "val-env/n_encoded": 4.0,
+                 "val-env/seconds_total": 0.75, "val-env/requested_max_age": 2.0, "val-env/requested_mean_age": 0.5,
+                 "val-env/budget_hit": 1.0, "val-env/index_fraction_stale": 0.1}
+    assert StepFigures({"ndcg": np.zeros(0)}).metrics() == {}  # no rollout with the token: no ranking figure

@@ -224,15 +224,15 @@ def check_verl_options(config: DictConfig) -> None:
 
 
 def _merge_env_metric(name: str, values: list[float]) -> float:
-    """One validation figure from the per-batch refresh figures: counts and seconds add up,
-    maxima and flags take the maximum, the index's staleness is the last batch's, the rest the mean."""
-    if name.startswith(("n_", "seconds_")):
-        return float(sum(values))
-    if "max" in name or name in ("budget_hit", "full_refresh"):
-        return float(max(values))
+    """One validation figure from the per-batch refresh figures: the index's state is the last
+    batch's, maxima and flags take the maximum, means and fractions the mean, counts and seconds add up."""
     if name.startswith("index_"):
         return float(values[-1])
-    return float(np.mean(values))
+    if "max" in name or name in ("budget_hit", "full_refresh"):
+        return float(max(values))
+    if "mean" in name or "fraction" in name:
+        return float(np.mean(values))
+    return float(sum(values))
 
 
 @dataclass
