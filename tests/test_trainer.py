@@ -352,12 +352,11 @@ def test_validation_batch_is_padded_to_the_actor_split(cluster, started):
 
 
 def test_candidate_and_contrastive_selection_by_hand():
-    from verl_search_r3.env import RefreshResult, RefreshStats
-
     vecs = np.eye(5, dtype=np.float32)
     fresh = np.array([True, True, True, True, False])  # "e" was over the refresh budget
-    result = RefreshResult(doc_ids=["a", "b", "c", "d", "e"], doc_vecs=vecs, doc_versions=np.zeros(5, np.int64), fresh=fresh,
-                           scores=np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32), stats=RefreshStats(version=0, n_queries=1))
+    # the fields of env.RefreshResult these functions read
+    result = SimpleNamespace(doc_ids=["a", "b", "c", "d", "e"], doc_vecs=vecs, fresh=fresh,
+                             scores=np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32))
     rel = {"b": 2, "c": 2, "e": 1, "not-in-pool": 3}
     np.testing.assert_array_equal(pool_grades(result, rel), [0, 2, 2, 0, 1])
     cand = reward_candidates(result, 0, pool_grades(result, rel), top=2)
