@@ -20,7 +20,8 @@ a client repairs it: :meth:`CorpusIndexClient.recover` (run at the start of ever
 ``full_encode`` and ``snapshot``) logs the restart as an error, re-adds the texts an empty shard
 lost (from the client's ``texts_source``) and re-encodes every document of the shard that has
 no vector with the current policy — or, with ``on_shard_restart: refuse``, raises
-:class:`ShardLostError`. The repairs are counted (:meth:`CorpusIndexClient.recovery_metrics`).
+:class:`ShardLostError`. The repairs are counted (:meth:`CorpusIndexClient.recovery_metrics`:
+per call, for the trainer's per-step ``env/`` metrics).
 
 Consistency across shards: a refresh writes each shard atomically, one shard after the other.
 A search that runs during a multi-shard refresh may see shard A after and shard B before the
@@ -38,6 +39,7 @@ import os
 import warnings
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,7 +127,7 @@ class ShardLostError(RuntimeError):
 
 @dataclass
 class RecoveryStats:
-    """Shard restarts repaired by a client, cumulative.
+    """Shard restarts repaired by a client (running totals in :attr:`CorpusIndexClient.recovery`).
 
     Attributes:
         shard_restarts: restarts seen (each logged as an error).
@@ -300,6 +302,7 @@ class CorpusIndexClient:
             raise RuntimeError("CorpusIndexClient needs a Ray session: call ray.init() first")
         self.texts_source, self.encode = texts_source, encode
         self.recovery = RecoveryStats()
+        self._reported = RecoveryStats()
         self._seen_restarts: set[tuple[int, int]] = set()
         self._version = 0
         cfg = self.config
@@ -399,8 +402,12 @@ class CorpusIndexClient:
         ray.get(shard.acknowledge_restart.remote())
 
     def recovery_metrics(self, prefix: str = "env/") -> dict[str, float]:
-        """Cumulative repair counts (:class:`RecoveryStats`) as tracking metrics."""
-        return self.recovery.to_metrics(prefix)
+        """Repairs since the previous call (:class:`RecoveryStats` fields) as tracking metrics, so
+        a step logs the restarts it repaired and the sum over steps is the run's total
+        (:attr:`recovery` keeps the running totals)."""
+        now, before = self.recovery.to_metrics(prefix), self._reported.to_metrics(prefix)
+        self._reported = dataclasses.replace(self.recovery)
+        return {k: now[k] - before[k] for k in now}
 
     # ------------------------------------------------------------------ routing
     def _route(self, ids: Sequence[str]) -> list[np.ndarray]:
