@@ -128,3 +128,13 @@ def test_the_checker_flags_an_upward_import(tmp_path, unit):
     edges = [("env.x", str(path), target, line) for target, line in _imports("env.x", str(path))]
     assert edges[0][2] == f"verl_search_r3.{unit}.trainer"
     assert len(_upward(edges)) == 1
+
+
+def test_importing_the_package_is_free():
+    """``import verl_search_r3`` (run by every verl process via the plugin) loads neither transformers nor verl."""
+    import subprocess
+    import sys
+
+    code = "import sys, verl_search_r3; print(sorted(m for m in ('transformers', 'verl', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert out.strip() == "[]"
