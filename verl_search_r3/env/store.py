@@ -11,13 +11,14 @@ Not thread-safe on its own; :class:`~verl_search_r3.env.index.CorpusIndex` adds 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .arrays import grow_rows, l2_normalize
-from .backends import NO_KEY, make_backend
+from .arrays import VectorCodec, check_vectors, degenerate_rows, grow_rows, l2_normalize
+from .backends import NO_KEY, exact_search, make_backend
 from .config import EnvConfig
 
 __all__ = ["VectorStore", "StalenessStats"]
@@ -85,7 +86,8 @@ class VectorStore:
 
     def __init__(self, config: EnvConfig) -> None:
         self.config = config
-        self.dtype = np.dtype(config.dtype)
+        self.codec = VectorCodec(config.dtype)
+        self.dtype = self.codec.storage
         self.dim = config.dim
         self._ids: list[str] = []
         self._slot_of: dict[str, int] = {}
@@ -94,6 +96,7 @@ class VectorStore:
         self._keys = np.zeros(0, np.int64)  # row -> key
         self._key_row = np.zeros(0, np.int64)  # key -> row, -1 once removed
         self._next_key = 0
+        self._reserve = 0  # expected number of documents (capacity allocated at once)
         self._backend = make_backend(config)
 
     # ------------------------------------------------------------------ queries
@@ -140,7 +143,7 @@ class VectorStore:
 
     def vectors_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """``(m, dim)`` float32 copies of the stored vectors of ``rows``."""
-        return self._vectors[rows].astype(np.float32)
+        return self.codec.decode(self._vectors[rows])
 
     def versions_of_rows(self, rows: np.ndarray) -> np.ndarray:
         """``(m,)`` int64 versions of ``rows``."""
@@ -157,7 +160,7 @@ class VectorStore:
         found = rows >= 0
         vecs = np.zeros((len(ids), self.dim), np.float32)
         versions = np.full(len(ids), -1, np.int64)
-        vecs[found] = self._vectors[rows[found]]
+        vecs[found] = self.codec.decode(self._vectors[rows[found]])
         versions[found] = self._versions[rows[found]]
         return vecs, versions, found
 
@@ -168,26 +171,56 @@ class VectorStore:
             raise ValueError(f"queries must have shape (Q, {self.dim or 'dim'}), got {q.shape}")
         return l2_normalize(q) if self.config.normalize else q
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows by inner product (cosine when ``normalize``).
 
         Args:
-            queries: ``(Q, dim)``.
+            queries: ``(Q, dim)``. Degenerate rows (NaN/inf, or all zero) are not searched: they
+                get no results.
             k: results per query.
+            exact: brute force over the stored vectors whatever the index type (for recall checks).
 
         Returns:
             ``scores (Q, k) float32`` and ``rows (Q, k) int64``, best first; when the store holds
-            fewer than ``k`` vectors the tail is padded with ``-inf`` / ``-1``.
+            fewer than ``k`` vectors (or the query is degenerate) the tail is padded with ``-inf`` / ``-1``.
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        q = self.prepare_queries(queries)
+        q = np.asarray(queries, dtype=np.float32)
+        valid = np.flatnonzero(~degenerate_rows(q)) if q.ndim == 2 else None
+        q = self.prepare_queries(q[valid] if valid is not None else q)
+        scores, rows = np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
         n = len(self._ids)
-        if n == 0:
-            return np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64)
+        if n == 0 or not len(valid):
+            return scores, rows
+        if exact or not self._backend.approximate:
+            s, keys = exact_search(q, k, self._vectors[:n], self._keys[:n], self.config.search_chunk_rows, self.codec)
+            scores[valid], rows[valid] = s, self.rows_of_keys(keys)
+            return scores, rows
         self.ensure_search_structure()
-        scores, keys = self._backend.search(q, k, self._vectors[:n], self._keys[:n])
-        return scores, self.rows_of_keys(keys)
+        fetch = max(k, math.ceil(k * self.config.rescore_factor))
+        _, keys = self._backend.search(q, fetch, self._vectors[:n], self._keys[:n])
+        s, r = self._rescore(q, self.rows_of_keys(keys))
+        scores[valid], rows[valid] = s[:, :k], r[:, :k]
+        return scores, rows
+
+    def _rescore(self, q: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Exact scores of ``(Q, m)`` candidate rows (-1 = none) with the stored vectors, best first."""
+        s = np.einsum("qd,qkd->qk", q, self.codec.decode(self._vectors[np.maximum(rows, 0)]))
+        s[rows < 0] = -np.inf
+        order = np.argsort(-s, axis=1, kind="stable")
+        return np.take_along_axis(s, order, axis=1), np.take_along_axis(rows, order, axis=1)
+
+    def reserve(self, rows: int) -> None:
+        """Expect ``rows`` documents: the vector matrix grows to that capacity at once (not by doubling)."""
+        self._reserve = max(self._reserve, int(rows))
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held: ``vectors`` (matrix capacity), ``versions_keys`` (per-row/key int64 columns)
+        and ``ann`` (the approximate search structure's arrays)."""
+        return {"vectors": int(self._vectors.nbytes),
+                "versions_keys": int(self._versions.nbytes + self._keys.nbytes + self._key_row.nbytes),
+                "ann": self._backend.memory_bytes()}
 
     @property
     def search_structure_ready(self) -> bool:
@@ -198,7 +231,7 @@ class VectorStore:
         """Build the approximate backend from the stored vectors if it is not built yet (a write)."""
         if not self.search_structure_ready:
             n = len(self._ids)
-            self._backend.build(self._keys[:n].copy(), self._vectors[:n].astype(np.float32))
+            self._backend.build(self._keys[:n].copy(), self._vectors[:n])
 
     def staleness(self, version: int, tolerance: int = 0) -> StalenessStats:
         """Age histogram of all stored vectors relative to ``version``."""
@@ -208,28 +241,28 @@ class VectorStore:
                               {int(a): int(c) for a, c in zip(values, counts)})
 
     # ------------------------------------------------------------------ updates
-    def _prepare_vectors(self, vecs: np.ndarray, n: int) -> np.ndarray:
-        """Validate ``(n, dim)`` input and return it normalised and cast to the storage dtype."""
+    def _prepare_vectors(self, ids: Sequence[str], vecs: np.ndarray) -> np.ndarray:
+        """Validate ``(n, dim)`` input and return it normalised and cast to the storage dtype.
+        Non-finite rows are refused, and all-zero rows too when ``normalize`` (no direction)."""
         v = np.asarray(vecs, dtype=np.float32)
-        if v.ndim != 2 or len(v) != n:
-            raise ValueError(f"expected vectors of shape ({n}, dim), got {v.shape}")
+        if v.ndim != 2 or len(v) != len(ids):
+            raise ValueError(f"expected vectors of shape ({len(ids)}, dim), got {v.shape}")
         if self.dim == 0:
             self.dim = v.shape[1]
             self._vectors = np.zeros((0, self.dim), self.dtype)
         if v.shape[1] != self.dim:
-            raise ValueError(f"vectors have dimension {v.shape[1]}, the store holds dimension {self.dim}")
-        if not np.isfinite(v).all():
-            raise ValueError("vectors contain NaN or inf")
+            raise ValueError(f"upsert got vectors of dimension {v.shape[1]}; the environment holds dimension {self.dim}")
+        check_vectors(ids, v, self.dim, "upsert", allow_zero=not self.config.normalize)
         if self.config.normalize:
             v = l2_normalize(v)
-        return v.astype(self.dtype, copy=False)
+        return self.codec.encode(v)
 
     def upsert(self, ids: Sequence[str], vecs: np.ndarray, version: int) -> np.ndarray:
         """Insert or replace the vectors of ``ids`` (all at ``version``); returns their ``(n,)`` keys."""
         ids = [str(i) for i in ids]
         if len(set(ids)) != len(ids):
             raise ValueError("upsert ids contain duplicates")
-        stored = self._prepare_vectors(vecs, len(ids))
+        stored = self._prepare_vectors(ids, vecs)
         rows = self.rows_of(ids)
         old = rows >= 0
         if old.any():
@@ -237,13 +270,12 @@ class VectorStore:
             self._vectors[r] = stored[old]
             self._versions[r] = version
             if self._backend.built:
-                self._backend.remove(self._keys[r])
-                self._backend.add(self._keys[r], stored[old].astype(np.float32))
+                self._backend.update(self._keys[r], self.codec.decode(stored[old]))
         new = np.flatnonzero(~old)
         if len(new):
             n, m = len(self._ids), len(new)
             keys = np.arange(self._next_key, self._next_key + m, dtype=np.int64)
-            self._vectors = grow_rows(self._vectors, n + m)
+            self._vectors = grow_rows(self._vectors, n + m, reserve=self._reserve)
             self._versions = grow_rows(self._versions, n + m)
             self._keys = grow_rows(self._keys, n + m)
             self._key_row = grow_rows(self._key_row, self._next_key + m, fill=-1)
@@ -257,7 +289,7 @@ class VectorStore:
                 self._ids.append(ids[i])
             rows[new] = np.arange(n, n + m)
             if self._backend.built:
-                self._backend.add(keys, stored[new].astype(np.float32))
+                self._backend.add(keys, self.codec.decode(stored[new]))
         self._rebuild_if_needed()
         return self._keys[rows]
 
@@ -287,7 +319,7 @@ class VectorStore:
     def _rebuild_if_needed(self) -> None:
         if self._backend.built and self._backend.needs_rebuild:
             n = len(self._ids)
-            self._backend.build(self._keys[:n].copy(), self._vectors[:n].astype(np.float32))
+            self._backend.build(self._keys[:n].copy(), self._vectors[:n])
 
     # ------------------------------------------------------------------ state
     def state(self) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
