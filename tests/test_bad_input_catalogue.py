@@ -887,6 +887,78 @@ def _snapshot_stale_dir(tmp: Path) -> Result:
     return defined(not stale.exists(), f"stale snapshot folder removed: {not stale.exists()}")
 
 
+# ---------------------------------------------------------------------- RL environment (degenerate vectors)
+
+
+def _env_index(dim: int = 6, n: int = 30) -> tuple[Any, dict[str, np.ndarray]]:
+    """A small in-process index with stale vectors, and the fresh vectors an encoder returns."""
+    from verl_search_r3.env import CorpusIndex, EnvConfig
+
+    rng = np.random.default_rng(0)
+    ids = [f"d{i}" for i in range(n)]
+    index = CorpusIndex(EnvConfig(progress=False, graph_k=0))
+    index.add_texts(ids, ids)
+    index.upsert(ids, rng.standard_normal((n, dim)).astype(np.float32), 0)
+    return index, dict(zip(ids, rng.standard_normal((n, dim)).astype(np.float32)))
+
+
+def _degenerate_query(bad: np.ndarray) -> Callable[[Path], Result]:
+    """A step with one good and one degenerate query vector: the degenerate one is not searched,
+    triggers no encode, and its rollout gets the missing-token reward."""
+
+    def run(tmp: Path) -> Result:
+        from verl_search_r3.env import EnvConfig, RefreshPlanner
+        from verl_search_r3.rl.reward import score_ranking
+
+        fresh = _env_index()[1]
+        good = np.random.default_rng(1).standard_normal((1, 6)).astype(np.float32)
+        planner = RefreshPlanner(EnvConfig(candidates_k=3, expand_top=0, graph_k=0, progress=False))
+        encoded: dict[str, list[str]] = {"both": [], "alone": []}
+
+        def encoder(key: str) -> Callable[[list[str]], np.ndarray]:
+            return lambda texts: (encoded[key].extend(texts), np.stack([fresh[t] for t in texts]))[1]
+
+        with np.errstate(all="ignore"):
+            result = planner.refresh(_env_index()[0], np.concatenate([good, bad[None]]), [["d1"], ["d2"]], 1, encoder("both"))
+            planner.refresh(_env_index()[0], good, [["d1"]], 1, encoder("alone"))
+        scores = result.scores[1]
+        reward = score_ranking(list(result.doc_ids), scores.tolist(), {"d2": 1})  # what the trainer hands the reward
+        ok = encoded["both"] == encoded["alone"] and not np.isfinite(scores).any() and reward.score == -1.0
+        return defined(ok, f"extra encodes {sorted(set(encoded['both']) - set(encoded['alone']))}; scores finite: "
+                           f"{bool(np.isfinite(scores).any())}; reward {reward}")
+
+    return run
+
+
+def _bad_encoder(bad: Callable[[np.ndarray], np.ndarray], full: bool = False) -> Callable[[Path], Result]:
+    def run(tmp: Path) -> Result:
+        from verl_search_r3.env import EnvConfig, RefreshPlanner, full_encode
+
+        index, fresh = _env_index()
+
+        def encode(texts: list[str]) -> np.ndarray:
+            return bad(np.stack([fresh[t] for t in texts]))
+
+        with np.errstate(all="ignore"):
+            if full:
+                full_encode(index, encode, 1, batch_size=8, progress=False)
+            else:
+                query = np.random.default_rng(1).standard_normal((1, 6)).astype(np.float32)
+                RefreshPlanner(EnvConfig(candidates_k=3, expand_top=0, graph_k=0)).refresh(index, query, [["d1"]], 1, encode)
+        return defined(False, f"accepted; staleness {index.staleness(1).age_counts}")
+
+    return run
+
+
+def _upsert(vecs: np.ndarray) -> Callable[[Path], Result]:
+    def run(tmp: Path) -> Result:
+        index, _ = _env_index()
+        index.upsert(["d1", "d2"], vecs, 1)
+        return defined(False, f"stored {index.get(['d1', 'd2'])[0]}")
+
+    return run
+
+
 # ---------------------------------------------------------------------- evaluate
 
 
@@ -1127,6 +1199,21 @@ ROWS: list[Row] = [
     Row("snapshot", "temporary folder of a killed snapshot write", DEFINED, "removed: True", _snapshot_stale_dir),
     Row("atomic", "file mode of an atomic write (umask 022)", DEFINED, "mode 0o644", _atomic_write_mode),
     Row("atomic", "temporary file of a killed atomic write", DEFINED, "stale file removed: True", _atomic_stale_file),
+    # --- RL environment: degenerate vectors at the boundary (issue 18's planner/store checks) -----------------------------------
+    Row("env", "NaN query vector in a refresh", DEFINED, "extra encodes \\[\\]; scores finite: False.*invalid_embedding=1",
+        _degenerate_query(np.full(6, np.nan, np.float32))),
+    Row("env", "inf query vector in a refresh", DEFINED, "extra encodes \\[\\]; scores finite: False.*invalid_embedding=1",
+        _degenerate_query(np.full(6, np.inf, np.float32))),
+    Row("env", "all-zero query vector in a refresh", DEFINED, "extra encodes \\[\\]; scores finite: False.*invalid_embedding=1",
+        _degenerate_query(np.zeros(6, np.float32))),
+    Row("env", "encode callback returning the wrong dimension", CLEAR, "dimension 4; the environment holds dimension 6",
+        _bad_encoder(lambda v: v[:, :4])),
+    Row("env", "encode callback returning NaN vectors", CLEAR, r"degenerate document vector\(s\) \(\d+ with NaN/inf",
+        _bad_encoder(lambda v: v * np.nan)),
+    Row("env", "encode callback returning all-zero vectors (full encode)", CLEAR, r"degenerate document vector\(s\) \(0 with NaN/inf, \d+ all zero",
+        _bad_encoder(lambda v: v * 0, full=True)),
+    Row("env", "upsert of a NaN and an inf vector", CLEAR, r"2 degenerate document vector\(s\) \(2 with NaN/inf",
+        _upsert(np.array([[np.nan] * 6, [np.inf] * 6], np.float32))),
     # --- evaluate ----------------------------------------------------------------------------------------------------------------
     Row("evaluate", "--output under a regular file", CLEAR, r"cannot write --output .*afile' is a file", _evaluate_output(_under_file), cli=True),
     Row("evaluate", "--output is a folder", CLEAR, "cannot write --output .* it is a folder",
