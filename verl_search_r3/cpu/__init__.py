@@ -17,8 +17,10 @@ verl_search_r3.stage1`` under ``torchrun``) run on the CPU:
 
 Why ``VERL_USE_EXTERNAL_MODULES``: verl resolves its platform on first use, and the entry-point
 plugins it loads (ours included) import ``verl.workers.engine_workers``, which does so at import;
-external modules are imported earlier in ``verl/__init__.py``. Ray workers import verl too, so
-both variables must be in their environment (:func:`~verl_search_r3.cpu.launch.cpu_environ`).
+external modules are imported earlier (``verl/__init__.py:49-52``). Ray workers import verl too,
+so both variables must reach them: a local cluster inherits them from the driver, and the CPU
+recipes' ``config/backend/cpu.yaml`` also puts them into the job's Ray runtime environment.
+The recipes and :func:`~verl_search_r3.cpu.launch.cpu_environ` set both.
 
 When ``VERL_PLATFORM`` is not ``cpu`` importing this package changes nothing: ``import verl``
 behaves exactly as without it. This module itself imports no verl code until selected.
