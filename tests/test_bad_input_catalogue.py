@@ -20,6 +20,7 @@ in-process (the command lines through their ``main(argv)``); only SIGTERM rows s
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -584,6 +585,7 @@ def _bm25_index() -> str:
     from verl_search_r3.search_r1.build_index import BuildIndexOptions, build_index
 
     tmp = Path(tempfile.mkdtemp(prefix="catalogue-index-"))
+    atexit.register(shutil.rmtree, tmp, True)
     build_index(BuildIndexOptions(input=beir(tmp), output=str(tmp / "index"), format="beir", progress=False))
     return str(tmp / "index")
 
