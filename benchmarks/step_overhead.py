@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -76,7 +75,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) -> dict:
     """One trainer run; returns ``{"phases": {phase: mean seconds}, "steps": n, "seconds": wall}``."""
-    from verl_search_r3.cpu.launch import METRICS_ENV, attach_overrides, cpu_environ, read_metrics
+    from verl_search_r3.cpu.launch import attach_overrides, cpu_environ, read_metrics, run_logged
 
     folder = os.path.join(work, name)
     os.makedirs(folder, exist_ok=True)
@@ -88,7 +87,7 @@ def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) ->
     extra = []
     if args.ray_address:
         env["RAY_ADDRESS"] = args.ray_address
-        extra = attach_overrides(env, forward=(METRICS_ENV,))
+        extra = attach_overrides(env)
     common = [
         f"data.train_batch_size={args.batch_size}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch_size}",
@@ -103,11 +102,10 @@ def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) ->
         "search_r3.env.detached=False",
     ]
     start = time.monotonic()
-    with open(os.path.join(folder, "trainer.log"), "w") as log:
-        proc = subprocess.run(["bash", RECIPE, *common, *overrides, *args.overrides, *extra], stdout=log,
-                              stderr=subprocess.STDOUT, env=env, cwd=folder, timeout=args.timeout)
-    if proc.returncode != 0:
-        raise SystemExit(f"{name} run failed (exit {proc.returncode}); see {os.path.join(folder, 'trainer.log')}")
+    log = os.path.join(folder, "trainer.log")
+    code = run_logged(["bash", RECIPE, *common, *overrides, *args.overrides, *extra], env, log, cwd=folder, timeout=args.timeout)
+    if code != 0:
+        raise SystemExit(f"{name} run failed (exit {code}); see {log}")
     steps = read_metrics(metrics_path)
     kept = [steps[s] for s in sorted(steps) if s > args.warmup]
     phases = {p: statistics.mean(m.get(key, 0.0) for m in kept) for p, key in PHASES.items()}

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from verl_search_r3.cpu.launch import METRICS_ENV, attach_overrides, cpu_environ, read_metrics
+from verl_search_r3.cpu.launch import attach_overrides, cpu_environ, read_metrics, run_logged
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SEARCH_TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>")
@@ -47,16 +47,15 @@ def run_recipe(script: str, workdir, overrides: list[str], timeout: int, ray_add
     extra = []
     if ray_address:
         run_env["RAY_ADDRESS"] = ray_address
-        extra = attach_overrides(run_env, forward=(METRICS_ENV,)) if script != "run_sft_cpu.sh" else []
+        extra = attach_overrides(run_env)
     start = time.monotonic()
-    with open(log_path, "w") as log:
-        try:
-            proc = subprocess.run(["bash", os.path.join(ROOT, "recipes", script), *overrides, *extra],
-                                  stdout=log, stderr=subprocess.STDOUT, env=run_env, cwd=workdir, timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{script} timed out after {timeout}s:\n{_tail(log_path)}")
-    if proc.returncode != 0:
-        pytest.fail(f"{script} exited with {proc.returncode} after {time.monotonic() - start:.0f}s:\n{_tail(log_path)}")
+    try:
+        code = run_logged(["bash", os.path.join(ROOT, "recipes", script), *overrides, *extra], run_env, log_path,
+                          cwd=str(workdir), timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{script} timed out after {timeout}s:\n{_tail(log_path)}")
+    if code != 0:
+        pytest.fail(f"{script} exited with {code} after {time.monotonic() - start:.0f}s:\n{_tail(log_path)}")
     with open(log_path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     assert os.path.isfile(metrics_path), f"{script} wrote no metrics file:\n{_tail(log_path)}"

@@ -47,7 +47,10 @@ def test_search_r1_grpo_multi_turn_with_bm25(search_r1_data, search_r1_policy, c
     # what the policy read: BM25's best document for its query, in each of its two <information> blocks
     ids, _ = BM25Retriever.load(os.path.join(index, "bm25")).search([SEARCH_QUERY], 1)
     title = {r["doc_id"]: r["title"] for r in pq.read_table(os.path.join(index, "corpus.parquet")).to_pylist()}[ids[0][0]]
-    rows = [json.loads(line) for path in glob.glob(str(tmp_path / "rollouts" / "*.jsonl")) for line in open(path)]
+    rows = []
+    for path in glob.glob(str(tmp_path / "rollouts" / "*.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            rows += [json.loads(line) for line in f]
     assert len(rows) == 2 * 4 * 2, "two steps of 4 queries x 2 rollouts dumped"
     for row in rows:
         text = row["output"]

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 from e2e_run import PPO_TINY, run_recipe

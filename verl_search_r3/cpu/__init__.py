@@ -49,9 +49,9 @@ def install() -> None:
     Runs on import when :func:`is_selected`. Raises ``RuntimeError`` if verl already resolved
     another platform (the package was imported too late, i.e. not through ``VERL_USE_EXTERNAL_MODULES``).
     """
-    from . import platform  # noqa: F401  (registers the platform)
-
     from verl.plugin.platform import get_platform
+
+    from . import platform  # registers the platform
 
     resolved = get_platform()
     if resolved.device_name != platform.PLATFORM_NAME:

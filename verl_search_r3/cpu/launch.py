@@ -10,13 +10,15 @@ overrides; to drive them from Python:
 * :func:`attach_overrides` — hydra overrides for a run on an already running Ray cluster
   (``RAY_ADDRESS``): no resource counts (Ray refuses them when attaching) and the given variables
   forwarded to the job's workers, which inherit the cluster's environment, not the caller's;
-* :func:`read_metrics` — the metrics file as ``{step: {name: value}}``.
+* :func:`read_metrics` — the metrics file as ``{step: {name: value}}``;
+* :func:`run_logged` — run a recipe with its output in a log file; on timeout its whole process
+  group (bash, the trainer, torchrun's workers) is stopped, not only the shell.
 
 Example (Stage 2 on CPU, then its nDCG)::
 
     env = {**cpu_environ(metrics_path="m.jsonl"), "DATA_DIR": data, "MODEL_PATH": model}
-    subprocess.run(["bash", "recipes/run_grpo_cpu.sh", "trainer.logger=[console,file]",
-                    "trainer.total_training_steps=10"], env=env, check=True)
+    run_logged(["bash", "recipes/run_grpo_cpu.sh", "trainer.logger=[console,file]",
+                "trainer.total_training_steps=10"], env=env, log_path="grpo.log", timeout=3600)
     ndcg = [m["search_r3/ndcg"] for m in read_metrics("m.jsonl").values()]
 """
 
@@ -24,11 +26,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping, Sequence
 
 from . import MODULE, PLATFORM
 
-__all__ = ["METRICS_ENV", "cpu_environ", "attach_overrides", "read_metrics"]
+__all__ = ["METRICS_ENV", "cpu_environ", "attach_overrides", "read_metrics", "run_logged"]
 
 METRICS_ENV = "VERL_FILE_LOGGER_PATH"
 """Where verl's ``file`` logger writes (``verl/utils/tracking.py``, ``FileLogger``)."""
@@ -64,3 +68,28 @@ def read_metrics(path: str) -> dict[int, dict[str, float]]:
                 row = json.loads(line)
                 steps.setdefault(int(row["step"]), {}).update(row["data"])
     return steps
+
+
+def run_logged(command: Sequence[str], env: Mapping[str, str], log_path: str, cwd: str | None = None,
+               timeout: float | None = None) -> int:
+    """Run ``command`` with stdout and stderr in ``log_path``; return its exit status.
+
+    It runs in a new session; on ``timeout`` (seconds) the whole group gets SIGTERM, then SIGKILL
+    after 10 s, and ``subprocess.TimeoutExpired`` is raised.
+    """
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+            raise

@@ -225,6 +225,7 @@ def generate(
     config = GenerationConfig(
         max_new_tokens=max(max_tokens),
         do_sample=not greedy,
+        repetition_penalty=1.0,
         **sampling,
         eos_token_id=sorted(stops) or None,
         pad_token_id=pad_id,

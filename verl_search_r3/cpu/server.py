@@ -204,7 +204,7 @@ class HFServer:
                     generate, self.model, self.tokenizer, [r.prompt_ids for r in live], [r.max_tokens for r in live],
                     params, self.eos_token_ids, lambda: self._aborting,
                 )
-        except Exception as err:  # noqa: BLE001  (the caller of each request gets the error)
+        except Exception as err:  # the caller of each request gets the error
             logger.exception("hf rollout replica %d: generation failed", self.replica_rank)
             for r in live:
                 if not r.future.done():
