@@ -33,16 +33,16 @@ MODEL=(
 ACTOR=(
     actor_rollout_ref.actor.ppo_mini_batch_size=8
     actor_rollout_ref.actor.use_dynamic_bsz=True
-    actor_rollout_ref.actor.ppo_max_token_len_per_gpu=2048
+    actor_rollout_ref.actor.ppo_max_token_len_per_gpu=1024
 )
 ROLLOUT=(
     actor_rollout_ref.rollout.n=4
     actor_rollout_ref.rollout.log_prob_use_dynamic_bsz=True
-    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=4096
+    actor_rollout_ref.rollout.log_prob_max_token_len_per_gpu=2048
 )
 REF=(
     actor_rollout_ref.ref.log_prob_use_dynamic_bsz=True
-    actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=4096
+    actor_rollout_ref.ref.log_prob_max_token_len_per_gpu=2048
 )
 SEARCH_R1=(
     search_r1.retriever.index_dir="$INDEX_DIR"
