@@ -98,7 +98,7 @@ class HFServer:
     """One ``hf`` rollout replica: the policy in host memory behind verl's rollout-server calls (module docstring)."""
 
     def __init__(self, config: Any, model_config: Any, replica_rank: int) -> None:
-        self.config: RolloutConfig = omega_conf_to_dataclass(config, dataclass_type=RolloutConfig) if not isinstance(config, RolloutConfig) else config
+        self.config: RolloutConfig = omega_conf_to_dataclass(config, dataclass_type=RolloutConfig)  # objects pass through
         self.model_config: HFModelConfig = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)
         self.options = HFEngineOptions.from_config((self.config.engine_kwargs or {}).get("hf"))
         self.replica_rank = replica_rank
