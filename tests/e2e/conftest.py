@@ -1,5 +1,5 @@
 """Fixtures of the end-to-end runs: a Cranfield slice, the data and index the CPU recipes read, and
-tiny models (``e2e_models.py``); the runner and shared sizes are in ``e2e_run.py``."""
+tiny models (:mod:`verl_search_r3.tiny`); the runner and shared sizes are in ``e2e_run.py``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-from e2e_models import tiny_policy, tiny_tokenizer, transitions
 from e2e_run import SEARCH_QUERY, SEARCH_TAGS
 
 from verl_search_r3.data.build import BuildOptions, build_pairs
@@ -15,6 +14,7 @@ from verl_search_r3.data.negatives import NegativeOptions
 from verl_search_r3.prompts import DEFAULT_TEMPLATES
 from verl_search_r3.search_r1.build_index import BuildIndexOptions, build_index
 from verl_search_r3.search_r1.data import DEFAULT_INSTRUCTION, QADataOptions, build_qa_data, parse_source
+from verl_search_r3.tiny import tiny_policy, tiny_tokenizer, transitions
 from verl_search_r3.tokens import add_embed_token
 
 

@@ -17,7 +17,7 @@ SEARCH_TAGS = ("<search>", "</search>", "<answer>", "</answer>", "<information>"
 SEARCH_QUERY = "boundary layer"
 
 # Sizes shared by the PPO runs: 4 queries x 2 rollouts, short responses, token budgets that keep
-# a micro-batch's full-vocabulary logits small, one worker of each kind (tests/e2e/e2e_models.py).
+# a micro-batch's full-vocabulary logits small, one worker of each kind (verl_search_r3.tiny).
 PPO_TINY = [
     "data.train_batch_size=4",
     "data.max_prompt_length=512",

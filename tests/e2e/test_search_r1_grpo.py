@@ -1,7 +1,7 @@
 """Search-R1 GRPO through verl's real trainer (``recipes/run_search_r1_cpu.sh``) on the CPU backend:
 multi-turn rollouts with BM25 search over a Cranfield slice, observations masked from the loss.
 
-The policy is a scripted tiny model (``tests/e2e/e2e_models.py``) that opens every turn with
+The policy is a scripted tiny model (:func:`verl_search_r3.tiny.tiny_policy`) that opens every turn with
 ``<search> boundary layer</search>``: each rollout searches twice (``max_turns=2``), then has a
 final turn (where a search is refused), so the ``hf`` rollout's stop strings, the search tool, the BM25 retriever actor and the
 observation masking all run.

@@ -2,7 +2,7 @@
 
 Two steps with validation and a checkpoint (with the environment snapshot), then a second run that
 resumes from that checkpoint for one more step. The policy is a scripted tiny model
-(``tests/e2e/e2e_models.py``) that ends every analysis with ``<|embed_token|>``, so the embedding,
+(:func:`verl_search_r3.tiny.tiny_policy`) that ends every analysis with ``<|embed_token|>``, so the embedding,
 reward and contrastive paths all carry real values.
 """
 
