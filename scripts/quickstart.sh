@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv (see scripts/setup.sh) and run every Search-R3 stage on this CPU machine:
-# data -> Stage 1 -> GRPO with the selective-refresh environment -> evaluation against BM25.
+# data -> self-analyses -> Stage 1 (verl SFT trainer) -> GRPO (verl main_ppo, search_r3 trainer, selective-refresh
+# environment) -> evaluation against BM25, on the CPU backend.
 # Extra arguments go to `python -m verl_search_r3.quickstart` (see its --help).
 set -euo pipefail
 cd "$(dirname "$0")/.."

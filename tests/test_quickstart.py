@@ -1,63 +1,54 @@
-"""The quickstart end to end with the tiny model and small sizes: every stage runs, the report is complete."""
+"""The quickstart (the README's main command) with ``--tiny``: every stage runs through verl's real
+trainers on the CPU backend and the report holds each stage's figures."""
 
 import json
+import math
 import os
 
+import pytest
+from transformers import AutoTokenizer
+
 from verl_search_r3.quickstart import main
+from verl_search_r3.tokens import embed_token_id
+
+pytestmark = pytest.mark.e2e
 
 
-def test_quickstart_tiny_writes_a_complete_report(cranfield_dir, tmp_path, capsys):
+def test_quickstart_tiny_runs_every_stage_on_the_real_trainers(cranfield_dir, ray_cluster, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)  # the GRPO run joins the test run's cluster
     out = tmp_path / "qs"
     report = main([
-        "--tiny", "--data", cranfield_dir, "--output", str(out), "--max-docs", "60", "--sft-steps", "2",
+        "--tiny", "--data", cranfield_dir, "--output", str(out), "--max-docs", "80", "--sft-steps", "2",
         "--sft-batch-size", "2", "--grpo-steps", "2", "--queries-per-step", "2", "--group-size", "2",
-        "--max-new-tokens", "6", "--eval-queries", "4", "--doc-max-length", "48",
+        "--max-new-tokens", "8", "--eval-queries", "4", "--num-analyses", "1",
     ])
     printed = capsys.readouterr().out
     assert "| system | nDCG@10 |" in printed and "BM25" in printed
 
     saved = json.loads((out / "report.json").read_text())
     assert saved["table"] == report["table"]
-    assert set(saved["seconds"]) == {"data", "stage1", "grpo", "evaluate"}
+    assert set(saved["seconds"]) == {"data", "analyses", "stage1", "grpo", "evaluate"}
     assert saved["model"] == "tiny-qwen2 (random)"
-    # data: a 60-document cut with pairs, RL parquets and a corpus
+    # data and analyses: a 80-document cut, and one analysis generated per training query
     assert {"pairs.parquet", "rl_train.parquet", "rl_val.parquet", "corpus.parquet"} <= set(os.listdir(out / "data"))
-    # stage 1: metrics before training and after each step
-    assert [m["step"] for m in saved["stage1"]] == [0, 1, 2]
-    assert all("infonce" in m and "accuracy" in m for m in saved["stage1"][1:])
-    # GRPO: per-step reward, refresh and loss figures within their ranges
-    assert [m["step"] for m in saved["grpo"]] == [1, 2]
-    for m in saved["grpo"]:
-        assert -1.0 <= m["reward"] <= 1.0 and 0.0 <= m["format_ok"] <= 1.0
-        assert 0.0 <= m["encoded_fraction"] <= 1.0 and m["encoded_docs"] >= 0
-    assert saved["grpo"][0]["encoded_docs"] == 0  # first step: every vector is from the current policy
-    # evaluation: BM25 and the model with reasoning off and on, metrics in [0, 1]
+    counts = saved["analyses"]["counts"]
+    assert counts["generated"] == counts["queries"] > 0
+    # Stage 1: verl's SFT trainer logged both steps, validated the emission rate and exported the model
+    sft = {int(k): v for k, v in saved["stage1"]["metrics"].items()}
+    assert sorted(sft) == [1, 2] and all(math.isfinite(sft[s]["search_r3/infonce"]) for s in sft)
+    assert 0.0 <= sft[2]["val/search_r3/emission_rate"] <= 1.0
+    embed_token_id(AutoTokenizer.from_pretrained(out / "models" / "stage1"))  # raises if Stage 1 did not add it
+    # GRPO: main_ppo with the search_r3 trainer ran both steps on the environment and saved an HF actor
+    grpo = {int(k): v for k, v in saved["grpo"]["metrics"].items()}
+    assert sorted(grpo) == [1, 2]
+    assert grpo[1]["env/n_encoded"] == 0 and grpo[2]["env/n_encoded"] > 0  # step 2 refreshes what step 1 made stale
+    for m in grpo.values():
+        assert 0.0 <= m["search_r3/ndcg"] <= 1.0 and m["search_r3/forced"] > 0.5  # a random model rarely writes the token
+        assert math.isfinite(m["actor/contrastive_loss"])
+    assert os.path.isfile(os.path.join(saved["grpo"]["export"], "config.json"))
+    # evaluation: BM25 and both checkpoints with reasoning off and on
     names = [r["name"] for r in saved["results"]]
-    assert names == ["BM25", "tiny-qwen2 (random) reasoning off", "tiny-qwen2 (random) reasoning on"]
+    assert names == ["BM25"] + [f"tiny-qwen2 (random) {m}, reasoning {r}" for m in ("Stage 1", "Stage 1 + GRPO") for r in ("off", "on")]
     for r in saved["results"]:
         assert r["n_queries"] == 4 and all(0.0 <= v <= 1.0 for v in r["metrics"].values())
     assert (out / "results.png").stat().st_size > 1000
-
-
-def test_policy_forward_matches_verl_response_alignment(tiny_qwen):
-    """Log-probs land where verl's no_padding_2_padding reads them: response token j at column j."""
-    import torch
-    from tensordict import TensorDict
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    from verl_search_r3.quickstart import policy_forward
-    from verl_search_r3.rl.engine import EMBEDDING_KEY
-    from verl_search_r3.tokens import embed_token_id
-
-    model, tok = tiny_qwen
-    E = embed_token_id(tok)
-    prompts, responses = [[1, 2, 3], [4, 5]], [[6, 7, E], [8, E, 9, 10]]
-    with torch.no_grad():
-        out = policy_forward(model, prompts, responses, tok.pad_token_id, E)
-        nj = lambda seqs: torch.nested.as_nested_tensor([torch.tensor(s) for s in seqs], layout=torch.jagged)
-        got = no_padding_2_padding(out["log_probs"], TensorDict({"prompts": nj(prompts), "responses": nj(responses)}, batch_size=[2]))
-        for i, (p, r) in enumerate(zip(prompts, responses)):
-            logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
-            want = torch.log_softmax(logits, -1)[len(p) - 1 : len(p) + len(r) - 1].gather(-1, torch.tensor(r)[:, None])[:, 0]
-            torch.testing.assert_close(got[i, : len(r)], want, atol=1e-5, rtol=1e-4)
-    assert out[EMBEDDING_KEY].shape == (2, 64) and torch.all(out[EMBEDDING_KEY].norm(dim=-1) > 0.99)

@@ -25,6 +25,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl_search_r3.data.beir import load_beir
 from verl_search_r3.embedding import gather_embeddings, last_hidden_states, last_token_positions, pad_sequences
 from verl_search_r3.prompts import embed_prompt_ids, format_document, render_generation_prompt
+from verl_search_r3.rl.agent_loop import FORCED_KEY
 from verl_search_r3.rl.engine import DOC_IDS_KEY, DOC_MASK_KEY, DOCS_KEY, EMBEDDING_KEY, add_embedding_outputs, dense
 from verl_search_r3.rl.reward import RewardConfig, score_ranking
 from verl_search_r3.rl.trainer import (
@@ -211,6 +212,8 @@ def _put_rollouts(s, rows, keys, partition_id, with_embeddings):
         "position_ids": _nj([list(range(len(r.prompt) + len(r.response))) for r in rows]),
         "reward_model": [{"style": "rule", "ground_truth": r.gt} for r in rows],
         "data_source": ["search_r3/cranfield"] * len(rows),
+        # as search_r3_agent records it: every third rollout had its token appended
+        "extra_fields": [{"turn_scores": [], FORCED_KEY: i % 3 == 0} for i in range(len(rows))],
     }
     if with_embeddings:
         emb = s.trainer.actor_rollout_wg.embed(TensorDict({k: fields[k] for k in ("input_ids", "position_ids", "prompts")}, batch_size=[len(rows)]))
@@ -251,6 +254,7 @@ def test_rank_and_reward_matches_an_independent_full_ranking(cluster, started):
     np.testing.assert_allclose(docs[0, 0], s.doc_vecs[s.doc_ids.index(best)], atol=1e-4)
     assert metrics["env/n_encoded"] == 0  # everything was fresh: nothing re-encoded
     assert "search_r3/ndcg" in metrics and "search_r3/format_ok" in metrics
+    assert metrics["search_r3/forced"] == pytest.approx(np.mean([i % 3 == 0 for i in range(len(rows))]))
     tq.kv_clear(keys=keys, partition_id="train")
 
 

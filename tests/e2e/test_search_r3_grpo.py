@@ -41,6 +41,7 @@ def test_grpo_two_steps_then_resume_from_the_checkpoint(search_r3_data, search_r
     for step, m in metrics.items():
         assert m["training/global_step"] == step
         assert m["search_r3/format_ok"] == 1.0, "the scripted policy always ends with the embed token"
+        assert m["search_r3/forced"] == 0.0, "... by itself: search_r3_agent appended none"
         assert m["actor/embed_found_frac"] == 1.0
         assert math.isfinite(m["actor/contrastive_loss"]) and m["actor/contrastive_loss"] > 0
         assert 0.0 <= m["search_r3/ndcg"] <= 1.0 and m["search_r3/first_relevant_rank"] >= 1

@@ -56,3 +56,4 @@ def test_stage1_export_then_grpo_on_two_ranks(search_r3_data, stage1_base, ray_c
         assert m["actor/embed_found_frac"] == 1.0
         assert math.isfinite(m["actor/contrastive_loss"]) and m["actor/contrastive_loss"] > 0
         assert m["search_r3/format_ok"] == 1.0
+        assert m["search_r3/forced"] > 0.5, "a random export rarely samples the token: search_r3_agent appends it"

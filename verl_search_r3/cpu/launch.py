@@ -11,8 +11,9 @@ overrides; to drive them from Python:
   (``RAY_ADDRESS``): no resource counts (Ray refuses them when attaching) and the given variables
   forwarded to the job's workers, which inherit the cluster's environment, not the caller's;
 * :func:`read_metrics` — the metrics file as ``{step: {name: value}}``;
-* :func:`run_logged` — run a recipe with its output in a log file; on timeout its whole process
-  group (bash, the trainer, torchrun's workers) is stopped, not only the shell.
+* :func:`run_logged` — run a recipe with its output in a log file, polling a callback (progress);
+  on timeout or Ctrl-C its whole process group (bash, the trainer, torchrun's workers) is
+  stopped, not only the shell.
 
 Example (Stage 2 on CPU, then its nDCG)::
 
@@ -28,7 +29,8 @@ import json
 import os
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from . import MODULE, PLATFORM
 
@@ -60,36 +62,58 @@ def attach_overrides(env: Mapping[str, str], forward: Iterable[str] = (METRICS_E
 
 
 def read_metrics(path: str) -> dict[int, dict[str, float]]:
-    """``{step: {metric: value}}`` from a ``file``-logger JSON-lines file (lines of one step are merged)."""
+    """``{step: {metric: value}}`` from a ``file``-logger JSON-lines file (lines of one step are merged;
+    safe to call while the run is writing it)."""
     steps: dict[int, dict[str, float]] = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if line.strip():
+            if line.strip() and line.endswith("\n"):  # a last line without newline is still being written
                 row = json.loads(line)
                 steps.setdefault(int(row["step"]), {}).update(row["data"])
     return steps
 
 
 def run_logged(command: Sequence[str], env: Mapping[str, str], log_path: str, cwd: str | None = None,
-               timeout: float | None = None) -> int:
+               timeout: float | None = None, on_poll: Callable[[], None] | None = None, poll_seconds: float = 2.0) -> int:
     """Run ``command`` with stdout and stderr in ``log_path``; return its exit status.
 
     It runs in a new session; on ``timeout`` (seconds) the whole group gets SIGTERM, then SIGKILL
-    after 10 s, and ``subprocess.TimeoutExpired`` is raised.
+    after 10 s, and ``subprocess.TimeoutExpired`` is raised. ``on_poll`` (e.g. a progress bar
+    reading the metrics file) is called every ``poll_seconds`` while it runs, and once at the end.
     """
     with open(log_path, "w") as log:
         proc = subprocess.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True)
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            return proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+            while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
                 try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    break
-                try:
-                    proc.wait(timeout=wait)
+                    code = proc.wait(timeout=poll_seconds if left is None else min(poll_seconds, left))
                     break
                 except subprocess.TimeoutExpired:
-                    continue
+                    if left is not None and left <= 0:
+                        _stop_group(proc)
+                        raise subprocess.TimeoutExpired(list(command), timeout) from None
+                    if on_poll is not None:
+                        on_poll()
+        except BaseException:
+            if proc.poll() is None:  # Ctrl-C or an error in on_poll: do not leave the run behind
+                _stop_group(proc)
             raise
+    if on_poll is not None:
+        on_poll()
+    return code
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the process group of ``proc``, SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

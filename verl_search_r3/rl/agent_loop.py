@@ -14,7 +14,8 @@ verl's single-turn loop with two explicit behaviours, configured in ``search_r3.
     length limit) with ``response_mask = 0``, so it is read for the embedding but never trained
     on: the trained tokens stay exactly the sampled tokens.
 
-``extra_fields["search_r3_forced"]`` records whether the token was forced.
+``extra_fields[FORCED_KEY]`` (``"search_r3_forced"``) records whether the token was forced; the
+trainer reports its mean as ``search_r3/forced``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentL
 from ..config_utils import dataclass_from_dict
 from ..tokens import embed_token_id
 
-__all__ = ["RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token", "force_embed_token"]
+__all__ = ["FORCED_KEY", "RolloutConfig", "SearchR3AgentLoop", "end_with_embed_token", "force_embed_token"]
+
+FORCED_KEY = "search_r3_forced"
+"""``extra_fields`` key: whether the rollout's embed token was appended (``on_missing_token=force``)."""
 
 
 @dataclass(frozen=True)
@@ -86,5 +90,5 @@ class SearchR3AgentLoop(SingleTurnAgentLoop):
         forced = False
         if self.search_r3.on_missing_token == "force":
             forced = end_with_embed_token(output, self.embed_token_id, self.response_length)
-        output.extra_fields["search_r3_forced"] = forced
+        output.extra_fields[FORCED_KEY] = forced
         return output

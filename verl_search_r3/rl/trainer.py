@@ -59,6 +59,7 @@ from ..env.actor import training_client
 from ..env.corpus import load_corpus_texts
 from ..prompts import embed_prompt_ids
 from ..tokens import embed_token_id
+from .agent_loop import FORCED_KEY
 from .engine import DOC_IDS_KEY, DOC_MASK_KEY, DOC_TOKEN_LENGTHS_KEY, DOC_TOKENS_KEY, DOCS_KEY, EMBEDDING_KEY, dense
 from .reward import CANDIDATES_KEY, RewardConfig, relevance_from_ground_truth
 from .workers import ContrastiveConfig, SearchR3ActorRolloutRefWorker, document_batch
@@ -441,7 +442,7 @@ class SearchR3Trainer(PPOTrainerSync):
         documents. Validation also writes the reward extras into ``extra_fields`` for verl.
         """
         s = self.search_r3
-        fields = [EMBEDDING_KEY, "prompts", "responses", "reward_model", "data_source"] + ([] if training else ["extra_fields"])
+        fields = [EMBEDDING_KEY, "prompts", "responses", "reward_model", "data_source", "extra_fields"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         query_vecs = dense(data[EMBEDDING_KEY]).float().numpy()
         n = len(batch)
@@ -491,6 +492,9 @@ class SearchR3Trainer(PPOTrainerSync):
             "rm_scores": torch.nested.as_nested_tensor([scores[i, : response_lengths[i]] for i in range(n)], layout=torch.jagged)
         }
         figures = StepFigures(env={**result.stats.to_metrics(""), **self.env.recovery_metrics("")})
+        extra_fields = [dict(f) if isinstance(f, dict) else {} for f in data["extra_fields"]]
+        # rollouts whose token search_r3_agent appended (on_missing_token=force): format_ok counts them as written
+        figures.rollouts["forced"] = np.array([float(bool(extra_fields[i].get(FORCED_KEY, False))) for i in real_rows])
         found_among_real = found[real_rows]
         extras: dict[str, np.ndarray] = {}
         for key in rm_output.meta_info.get("reward_extra_keys", []):
@@ -500,7 +504,6 @@ class SearchR3Trainer(PPOTrainerSync):
             write_back[key] = extras[key]
             figures.rollouts[key] = values if key in ALL_ROLLOUT_EXTRAS else values[found_among_real]
         if not training:  # verl's _validate reads the reward extras from extra_fields
-            extra_fields = [dict(f) if isinstance(f, dict) else {} for f in data["extra_fields"]]
             for i, f in enumerate(extra_fields):
                 f["reward_extra_info"] = {k: float(v[i]) for k, v in extras.items()}
             write_back["extra_fields"] = extra_fields

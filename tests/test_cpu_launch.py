@@ -1,0 +1,34 @@
+"""Driving recipes from Python: polling, timeouts that stop the whole process group, metrics read mid-run."""
+
+import json
+import os
+import subprocess
+
+import pytest
+
+from verl_search_r3.cpu.launch import read_metrics, run_logged
+
+
+def test_run_logged_polls_and_logs(tmp_path):
+    polls = []
+    code = run_logged(["bash", "-c", "for i in 1 2 3; do echo line $i; sleep 0.3; done; exit 3"], os.environ, str(tmp_path / "log"),
+                      on_poll=lambda: polls.append(1), poll_seconds=0.1)
+    assert code == 3
+    assert (tmp_path / "log").read_text().splitlines() == ["line 1", "line 2", "line 3"]
+    assert len(polls) >= 4  # while it ran, and once at the end
+
+
+def test_run_logged_timeout_stops_the_whole_group(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_logged(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], os.environ, str(tmp_path / "log"), timeout=1.0, poll_seconds=0.2)
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)  # the grandchild is gone too, not only bash
+
+
+def test_read_metrics_merges_steps_and_skips_a_line_being_written(tmp_path):
+    path = tmp_path / "m.jsonl"
+    rows = [{"step": 1, "data": {"a": 1.0}}, {"step": 1, "data": {"b": 2.0}}, {"step": 2, "data": {"a": 3.0}}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "da')
+    assert read_metrics(str(path)) == {1: {"a": 1.0, "b": 2.0}, 2: {"a": 3.0}}
