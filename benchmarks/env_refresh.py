@@ -72,9 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_policy_args(p, steps=16, prompts=16, rollouts=4, adapter_hidden=1024)
     g = p.add_argument_group("environment (EnvConfig knobs)")
     g.add_argument("--candidates-k", type=int, default=EnvConfig.candidates_k, help="top-K candidates per query from the index")
-    g.add_argument("--expand-top", type=int, default=EnvConfig.expand_top,
-                   help="best candidates per query whose graph neighbours join the pool")
-    g.add_argument("--graph-k", type=int, default=EnvConfig.graph_k, help="neighbours per document in the graph")
+    g.add_argument("--expand-top", type=int, default=5,
+                   help="best candidates per query whose graph neighbours join the pool (default: %(default)s)")
+    g.add_argument("--graph-k", type=int, default=8,
+                   help="neighbours per document in the graph; on here so that (b0) is an ablation "
+                        "(EnvConfig's default is 0, off) (default: %(default)s)")
     g.add_argument("--graph-refresh-age", type=int, default=EnvConfig.graph_refresh_age,
                    help="versions after which a graph row is recomputed")
     g.add_argument("--budget", type=int, default=-1,
@@ -137,7 +139,7 @@ def cranfield_task(args: argparse.Namespace) -> Task:
 
 def env_config(args: argparse.Namespace, n_docs: int) -> EnvConfig:
     budget = max(1, n_docs // 100) if args.budget < 0 else (args.budget or None)
-    return EnvConfig(dtype=args.dtype, index_type=args.index_type, graph_k=args.graph_k,
+    return EnvConfig(budget_per_query=None, dtype=args.dtype, index_type=args.index_type, graph_k=args.graph_k,
                      graph_refresh_age=args.graph_refresh_age, candidates_k=args.candidates_k,
                      expand_top=args.expand_top, staleness_tolerance=args.tolerance, budget=budget,
                      encode_batch_size=args.encode_batch_size, progress=False, num_shards=args.shards,

@@ -109,8 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--plan-corpus", type=int, default=21_000_000, help="corpus size to plan shards for (default: %(default)s)")
     g.add_argument("--plan-shard-docs", default="1000000,2000000,4000000",
                    help="documents per shard to plan with, comma-separated (default: %(default)s)")
-    g.add_argument("--plan-text-bytes", type=int, default=600,
-                   help="average document text bytes held per document (wiki-18 passages: ~600) (default: %(default)s)")
+    g.add_argument("--plan-text-bytes", type=int, default=650,
+                   help="text bytes held per document (a wiki-18 passage of ~100 words: ~650) (default: %(default)s)")
+    g.add_argument("--plan-bookkeeping-bytes", type=int, default=260,
+                   help="Python objects per document: id string, dict and list entries (measured ~260) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.prompts * args.rollouts < 1:
@@ -177,7 +179,6 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def build_index(args: argparse.Namespace, task, sim: Simulation, config: EnvConfig) -> tuple[CorpusIndex, dict]:
     """A ``CorpusIndex`` holding the whole corpus encoded at version 0, its search structure built."""
-    rss_start = peak_rss_bytes()
     index = CorpusIndex(config)
     index.add_texts(task.doc_ids, task.doc_texts)
     t = time.perf_counter()
@@ -187,7 +188,7 @@ def build_index(args: argparse.Namespace, task, sim: Simulation, config: EnvConf
     index.search(np.ones((1, task.dim), np.float32), 1)  # the first search builds an IVF/HNSW structure
     build_s = time.perf_counter() - t if config.index_type != "flat" else 0.0
     log(f"  initial encode {encode_s:.1f}s, {config.index_type} build {build_s:.1f}s")
-    return index, {"initial_encode_seconds": encode_s, "build_seconds": build_s, "rss_before_bytes": rss_start}
+    return index, {"initial_encode_seconds": encode_s, "build_seconds": build_s}
 
 
 def run_refresh(args: argparse.Namespace, task, spec: str, reference: dict) -> dict:
@@ -282,23 +283,22 @@ def summarise(args: argparse.Namespace, config: EnvConfig, spec: str, index: Cor
 
 
 def plan(args: argparse.Namespace, variants: list[dict], n_docs: int) -> list[dict]:
-    """Shards and memory per shard for ``--plan-corpus`` documents, from the measured bytes per
-    document (arrays) plus ``--plan-text-bytes`` of text and the Python bookkeeping per document
-    measured here (peak RSS growth beyond the arrays). Search seconds per shard are scaled
-    linearly with the shard size for flat and IVF (fixed nlist/nprobe fraction), by log(size) for HNSW."""
+    """Shards and memory per shard for ``--plan-corpus`` documents: the measured array bytes per
+    document, plus ``--plan-text-bytes`` of text and ``--plan-bookkeeping-bytes`` of Python
+    objects (ids, dict entries) per document. Search seconds per shard (one step's queries, or
+    one search batch) are scaled linearly with the shard size for flat and IVF (at a fixed
+    nprobe/nlist fraction), by log(size) for HNSW: an extrapolation, not a measurement."""
     out = []
+    extra = args.plan_text_bytes + args.plan_bookkeeping_bytes
     for v in variants:
-        python_per_doc = max(0.0, (v["peak_rss_bytes"] - v["rss_before_bytes"] - v["memory_bytes"]["total"]) / n_docs)
-        per_doc = v["array_bytes_per_doc"] + args.plan_text_bytes
-        search_s = v.get("phase_seconds_median", {}).get("search", v.get("latency_p50"))
+        search_s = v["phase_seconds_median"]["search"] if "phase_seconds_median" in v else v["latency_p50"]
         for shard_docs in (int(x) for x in args.plan_shard_docs.split(",")):
-            scale = (math.log(shard_docs) / math.log(n_docs)) if v["config"]["index_type"] == "hnsw" else shard_docs / n_docs
+            scale = math.log(shard_docs) / math.log(n_docs) if v["config"]["index_type"] == "hnsw" else shard_docs / n_docs
             out.append({"variant": v["variant"], "corpus": args.plan_corpus, "docs_per_shard": shard_docs,
                         "shards": math.ceil(args.plan_corpus / shard_docs),
                         "array_gib_per_shard": v["array_bytes_per_doc"] * shard_docs / GIB,
-                        "memory_gib_per_shard": per_doc * shard_docs / GIB,
-                        "bookkeeping_gib_per_shard_upper_bound": python_per_doc * shard_docs / GIB,
-                        "search_seconds_per_shard_estimate": None if search_s is None else search_s * scale})
+                        "memory_gib_per_shard": (v["array_bytes_per_doc"] + extra) * shard_docs / GIB,
+                        "search_seconds_per_shard_estimate": search_s * scale})
     return out
 
 

@@ -3,14 +3,19 @@
 One GRPO step gives query embeddings (one per rollout) from the current policy (version ``v``)
 and each query's relevant doc ids. :meth:`RefreshPlanner.refresh` then
 
-1. searches the index (whose vectors may be stale) for each query's top ``candidates_k``;
+1. searches the index (whose vectors may be stale) for each query's top ``candidates_k``, one
+   batched search for all queries; degenerate query vectors (NaN/inf, all zero) are left out
+   (no search, no re-encode on their account, ``-inf`` scores, ``RefreshResult.valid`` False);
 2. makes sure the relevant docs and those candidates have a *fresh* vector — version
    ``>= v - staleness_tolerance`` — re-encoding the others with the ``encode`` callback
-   (relevant docs always; candidates best-rank first, at most ``budget`` of them; candidates
-   past the budget stay in the pool with their stored, stale vector and ``fresh=False``);
-3. ranks the fresh pool by cosine and takes, per query, the ``expand_top`` best docs plus the
-   relevant ones; their neighbours in the index's document graph join the pool (encoded under
-   what is left of the budget) — they catch documents the stale index ranked too low;
+   (relevant docs always; candidates best-rank first, at most ``budget`` and
+   ``budget_per_query * Q`` of them; candidates past the budget stay in the pool with their
+   stored, stale vector and ``fresh=False``); what ``encode`` returns is checked (shape,
+   dimension, no NaN/inf or all-zero vector) before anything is written;
+3. with the neighbour graph on (``graph_k > 0``, off by default): ranks the fresh pool by
+   cosine and takes, per query, the ``expand_top`` best docs plus the relevant ones; their
+   neighbours in the index's document graph join the pool (encoded under what is left of the
+   budget) — they catch documents the stale index ranked too low;
 4. writes every new vector back in **one** ``upsert`` (readers see the refresh whole or not at
    all; the upsert also updates the neighbour graph), and
 5. returns the pool with its stored vectors and the cosine of every query with every pool doc.
@@ -242,7 +247,8 @@ class RefreshPlanner:
 
     Args:
         config: uses ``candidates_k``, ``expand_top``, ``staleness_tolerance``, ``budget``,
-            ``full_refresh_every``, ``encode_batch_size``, ``graph_k``, ``progress``.
+            ``budget_per_query``, ``full_refresh_every``, ``encode_batch_size``, ``graph_k``,
+            ``progress``.
     """
 
     def __init__(self, config: EnvConfig | None = None) -> None:
