@@ -1,7 +1,8 @@
 """Benchmark the cost of a Search-R3 GRPO step against a plain GRPO step, on verl's real trainer.
 
-Runs ``recipes/run_grpo_cpu.sh`` twice in one invocation, with the same data, model, batch, rollout
-settings and backend (the CPU backend by default):
+Runs a GRPO recipe twice in one invocation (``recipes/run_grpo_cpu.sh`` on the CPU backend by
+default; ``--gpu`` runs ``recipes/run_grpo_qwen1.5b.sh`` as is, GPU overrides given as extra
+arguments), with the same data, model, batch, rollout settings and backend:
 
 * **plain**: verl's synchronous V1 trainer (``trainer.v1.trainer_mode=sync``) with the same
   ``search_r3_agent`` rollout (generation stops at ``<|embed_token|>``, so responses have the same
@@ -32,7 +33,7 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECIPE = os.path.join(REPO_ROOT, "recipes", "run_grpo_cpu.sh")
+RECIPES = {"cpu": os.path.join(REPO_ROOT, "recipes", "run_grpo_cpu.sh"), "gpu": os.path.join(REPO_ROOT, "recipes", "run_grpo_qwen1.5b.sh")}
 EMBED_TOKEN = "<|embed_token|>"
 PHASES = {
     "gen": "timing_s/gen",
@@ -66,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", default=None, help="folder for logs, metrics and checkpoints (default: a temporary folder, removed)")
     p.add_argument("--ray-address", default=None, help="run both trainers on this running Ray cluster (default: each starts its own)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds each run may take (default: 3600)")
+    p.add_argument("--gpu", action="store_true", help="run the GPU recipe (run_grpo_qwen1.5b.sh) instead of the CPU backend's; "
+                   "pass the GPU settings (rollout, strategy, ...) as overrides")
     p.add_argument("overrides", nargs="*", help="extra hydra overrides for both runs, e.g. search_r3.env.candidates_k=20")
     args = p.parse_args(argv)
     if args.warmup >= args.steps:
@@ -75,19 +78,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) -> dict:
     """One trainer run; returns ``{"phases": {phase: mean seconds}, "steps": n, "seconds": wall}``."""
-    from verl_search_r3.cpu.launch import attach_overrides, cpu_environ, read_metrics, run_logged
+    from verl_search_r3.cpu.launch import RecipeRun
 
     folder = os.path.join(work, name)
-    os.makedirs(folder, exist_ok=True)
-    metrics_path = os.path.join(folder, "metrics.jsonl")
-    env = cpu_environ(metrics_path=metrics_path)
-    env.update(DATA_DIR=os.path.abspath(args.data_dir), CKPT_DIR=os.path.join(folder, "ckpt"))
+    env = {"DATA_DIR": os.path.abspath(args.data_dir), "CKPT_DIR": os.path.join(folder, "ckpt")}
     if args.model:
         env["MODEL_PATH"] = os.path.abspath(args.model)
-    extra = []
     if args.ray_address:
         env["RAY_ADDRESS"] = args.ray_address
-        extra = attach_overrides(env)
     common = [
         f"data.train_batch_size={args.batch_size}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch_size}",
@@ -95,18 +93,18 @@ def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) ->
         f"data.max_response_length={args.max_response_length}",
         f"trainer.total_training_steps={args.steps}",
         "trainer.total_epochs=100",
-        "trainer.logger=[console,file]",
         "trainer.val_before_train=False",
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
+        f"trainer.default_local_dir={os.path.join(folder, 'ckpt')}",
         "search_r3.env.detached=False",
     ]
+    recipe = RecipeRun(RECIPES["gpu" if args.gpu else "cpu"], folder, args.steps, env, cpu=not args.gpu, timeout=args.timeout, name="trainer")
     start = time.monotonic()
-    log = os.path.join(folder, "trainer.log")
-    code = run_logged(["bash", RECIPE, *common, *overrides, *args.overrides, *extra], env, log, cwd=folder, timeout=args.timeout)
-    if code != 0:
-        raise SystemExit(f"{name} run failed (exit {code}); see {log}")
-    steps = read_metrics(metrics_path)
+    try:
+        steps = recipe.run([*common, *overrides, *args.overrides])
+    except RuntimeError as e:
+        raise SystemExit(f"{name} run failed: {e}") from None
     kept = [steps[s] for s in sorted(steps) if s > args.warmup]
     phases = {p: statistics.mean(m.get(key, 0.0) for m in kept) for p, key in PHASES.items()}
     return {"phases": phases, "steps": len(kept), "seconds": time.monotonic() - start}

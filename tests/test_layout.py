@@ -29,7 +29,7 @@ LAYERS: list[set[str]] = [
     {"data", "env"},
     {"rl", "search_r1", "cpu"},
     {"stage1"},
-    {"evaluate", "mteb_wrapper", "quickstart", "plugin"},
+    {"evaluate", "mteb_wrapper", "quickstart", "smoke", "plugin"},
 ]
 VERL_FREE_LAYERS = 3  # layers 0..2 must not import verl
 LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}

@@ -30,10 +30,9 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -176,65 +175,11 @@ def analyses(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) 
 # ---------------------------------------------------------------------- the trainers
 
 
-class Recipe:
-    """One CPU recipe run: its environment, log, metrics file and a per-step progress bar."""
+def _recipe(cfg: QuickstartConfig, script: str, folder: str, steps: int, uses_ray: bool, **env: str):
+    from .cpu.launch import RecipeRun
 
-    def __init__(self, cfg: QuickstartConfig, script: str, folder: str, total_steps: int, uses_ray: bool, **env: str):
-        from .cpu.launch import attach_overrides, cpu_environ
-
-        self.script = os.path.join(cfg.recipes, script)
-        if not os.path.isfile(self.script):
-            raise FileNotFoundError(f"{self.script} not found: run from the repository checkout or pass --recipes DIR")
-        self.name = os.path.splitext(script)[0]
-        logs = os.path.join(folder, "logs")
-        os.makedirs(logs, exist_ok=True)
-        self.log = os.path.join(logs, f"{self.name}.log")
-        self.metrics_path = os.path.join(logs, f"{self.name}.metrics.jsonl")
-        if os.path.exists(self.metrics_path):
-            os.remove(self.metrics_path)
-        self.env = cpu_environ(metrics_path=self.metrics_path)
-        # the recipes call python3: this interpreter's, so the run sees the same packages
-        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
-        self.env.update(env)
-        # main_ppo starts a local Ray cluster, or joins the one RAY_ADDRESS names
-        self.extra = attach_overrides(self.env) if uses_ray and self.env.get("RAY_ADDRESS") else []
-        self.total_steps = total_steps
-        self.timeout = cfg.stage_timeout
-
-    def metrics(self) -> dict[int, dict[str, float]]:
-        from .cpu.launch import read_metrics
-
-        return read_metrics(self.metrics_path) if os.path.exists(self.metrics_path) else {}
-
-    def run(self, overrides: Sequence[str], describe: Callable[[dict[str, float]], str]) -> dict[int, dict[str, float]]:
-        """Run with ``overrides``; the bar advances per logged step and shows ``describe(last metrics)``."""
-        from .cpu.launch import run_logged
-
-        bar = tqdm(total=self.total_steps, desc=self.name, unit="step")
-
-        def poll() -> None:
-            steps = self.metrics()
-            done = [s for s in steps if steps[s].get("training/global_step", s) and s <= self.total_steps]
-            bar.update(len(done) - bar.n)
-            if steps:
-                bar.set_postfix_str(describe(steps[max(steps)]))
-
-        try:
-            code = run_logged(["bash", self.script, "trainer.logger=[console,file]", *overrides, *self.extra], self.env, self.log,
-                              timeout=self.timeout, on_poll=poll)
-        except subprocess.TimeoutExpired:
-            raise RuntimeError(f"{self.name} ran past --stage-timeout {self.timeout}s; log: {self.log}\n{_tail(self.log)}") from None
-        finally:
-            bar.close()
-        if code != 0:
-            raise RuntimeError(f"{self.name} exited with status {code}; log: {self.log}\n{_tail(self.log)}")
-        return self.metrics()
-
-
-def _tail(path: str, n: int = 30) -> str:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [line for line in f if "Warning" not in line and "warnings.warn" not in line]
-    return "".join(lines[-n:])
+    return RecipeRun(os.path.join(cfg.recipes, script), os.path.join(folder, "logs"), steps, env, uses_ray=uses_ray,
+                     timeout=cfg.stage_timeout)
 
 
 def _fmt(m: dict[str, float], keys: Sequence[tuple[str, str]]) -> str:
@@ -244,8 +189,8 @@ def _fmt(m: dict[str, float], keys: Sequence[tuple[str, str]]) -> str:
 def stage1(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) -> tuple[str, dict[int, dict[str, float]]]:
     """Stage 1 through ``recipes/run_sft_cpu.sh``; returns ``(export folder, metrics by step)``."""
     export = os.path.join(folder, "models", "stage1")
-    recipe = Recipe(cfg, "run_sft_cpu.sh", folder, cfg.sft_steps, False, DATA_DIR=data_dir, MODEL_PATH=model_dir,
-                    EXPORT_DIR=export, CKPT_DIR=os.path.join(folder, "checkpoints", "stage1"))
+    recipe = _recipe(cfg, "run_sft_cpu.sh", folder, cfg.sft_steps, False, DATA_DIR=data_dir, MODEL_PATH=model_dir,
+                     EXPORT_DIR=export, CKPT_DIR=os.path.join(folder, "checkpoints", "stage1"))
     metrics = recipe.run(
         [
             f"trainer.total_training_steps={cfg.sft_steps}", f"trainer.test_freq={cfg.sft_steps}",
@@ -263,7 +208,7 @@ def stage1(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) ->
 def grpo(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) -> tuple[str, dict[int, dict[str, float]]]:
     """Stage 2 through ``recipes/run_grpo_cpu.sh``; returns ``(HF folder of the last actor, metrics by step)``."""
     ckpt = os.path.join(folder, "checkpoints", "grpo")
-    recipe = Recipe(cfg, "run_grpo_cpu.sh", folder, cfg.grpo_steps, True, DATA_DIR=data_dir, MODEL_PATH=model_dir, CKPT_DIR=ckpt)
+    recipe = _recipe(cfg, "run_grpo_cpu.sh", folder, cfg.grpo_steps, True, DATA_DIR=data_dir, MODEL_PATH=model_dir, CKPT_DIR=ckpt)
     metrics = recipe.run(
         [
             f"trainer.total_training_steps={cfg.grpo_steps}", f"trainer.save_freq={cfg.grpo_steps}",

@@ -13,7 +13,9 @@ overrides; to drive them from Python:
 * :func:`read_metrics` — the metrics file as ``{step: {name: value}}``;
 * :func:`run_logged` — run a recipe with its output in a log file, polling a callback (progress);
   on timeout or Ctrl-C its whole process group (bash, the trainer, torchrun's workers) is
-  stopped, not only the shell.
+  stopped, not only the shell;
+* :class:`RecipeRun` — all of the above for one recipe run, with a per-step progress bar (used by
+  the quickstart and the smoke check; ``cpu=False`` runs a GPU recipe unchanged).
 
 Example (Stage 2 on CPU, then its nDCG)::
 
@@ -29,12 +31,13 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from . import MODULE, PLATFORM
 
-__all__ = ["METRICS_ENV", "cpu_environ", "attach_overrides", "read_metrics", "run_logged"]
+__all__ = ["METRICS_ENV", "cpu_environ", "attach_overrides", "read_metrics", "run_logged", "RecipeRun"]
 
 METRICS_ENV = "VERL_FILE_LOGGER_PATH"
 """Where verl's ``file`` logger writes (``verl/utils/tracking.py``, ``FileLogger``)."""
@@ -117,3 +120,73 @@ def _stop_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class RecipeRun:
+    """One run of a recipe script: its environment, log, metrics file and a per-step progress bar.
+
+    Args:
+        script: the ``recipes/run_*.sh`` path.
+        folder: where ``<name>.log`` and ``<name>.metrics.jsonl`` go (``name`` defaults to the
+            script's name).
+        total_steps: the bar's length (``trainer.total_training_steps`` of the run).
+        env: extra variables (``DATA_DIR``, ``MODEL_PATH``, ...).
+        cpu: select the CPU backend (:func:`cpu_environ`); otherwise the environment is passed as is.
+        uses_ray: the recipe runs ``main_ppo``; with ``RAY_ADDRESS`` set it joins that cluster
+            (:func:`attach_overrides`) instead of starting one.
+        timeout: seconds before the run's process group is stopped.
+        name: the log/metrics file stem.
+    """
+
+    def __init__(self, script: str, folder: str, total_steps: int, env: Mapping[str, str], cpu: bool = True,
+                 uses_ray: bool = True, timeout: float | None = None, name: str | None = None):
+        if not os.path.isfile(script):
+            raise FileNotFoundError(f"{script} not found: run from the repository checkout (or pass its recipes folder)")
+        self.script = script
+        self.name = name or os.path.splitext(os.path.basename(script))[0]
+        os.makedirs(folder, exist_ok=True)
+        self.log = os.path.join(folder, f"{self.name}.log")
+        self.metrics_path = os.path.join(folder, f"{self.name}.metrics.jsonl")
+        if os.path.exists(self.metrics_path):
+            os.remove(self.metrics_path)
+        self.env = cpu_environ(metrics_path=self.metrics_path) if cpu else {**os.environ, METRICS_ENV: os.path.abspath(self.metrics_path)}
+        # the recipes call python3: this interpreter's, so the run sees the same packages
+        self.env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + self.env.get("PATH", "")
+        self.env.update(env)
+        self.extra = attach_overrides(self.env) if uses_ray and self.env.get("RAY_ADDRESS") else []
+        self.total_steps = total_steps
+        self.timeout = timeout
+
+    def metrics(self) -> dict[int, dict[str, float]]:
+        """What the run logged so far, ``{step: {metric: value}}``."""
+        return read_metrics(self.metrics_path) if os.path.exists(self.metrics_path) else {}
+
+    def run(self, overrides: Sequence[str], describe: Callable[[dict[str, float]], str] = lambda m: "") -> dict[int, dict[str, float]]:
+        """Run with the ``file`` logger and ``overrides``; the bar advances per logged step and shows
+        ``describe(last step's metrics)``. Raises ``RuntimeError`` (with the log's tail) on failure or timeout."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.total_steps, desc=self.name, unit="step")
+
+        def poll() -> None:
+            steps = self.metrics()
+            bar.update(min(len(steps), self.total_steps) - bar.n)
+            if steps:
+                bar.set_postfix_str(describe(steps[max(steps)]))
+
+        try:
+            code = run_logged(["bash", self.script, "trainer.logger=[console,file]", *overrides, *self.extra], self.env, self.log,
+                              timeout=self.timeout, on_poll=poll)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{self.name} ran past its {self.timeout:.0f} s limit; log: {self.log}\n{self.tail()}") from None
+        finally:
+            bar.close()
+        if code != 0:
+            raise RuntimeError(f"{self.name} exited with status {code}; log: {self.log}\n{self.tail()}")
+        return self.metrics()
+
+    def tail(self, n: int = 30) -> str:
+        """The last ``n`` lines of the log, without Python warnings."""
+        with open(self.log, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f if "Warning" not in line and "warnings.warn" not in line]
+        return "".join(lines[-n:])
