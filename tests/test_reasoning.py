@@ -152,7 +152,7 @@ def test_generation_selection_and_parquet_columns(pairs_dir, teacher, tmp_path):
     assert rows["q4"]["reasoning"] == usable["q4"][1] and rows["q4"]["reasoning_gain"] > 0
 
     s = json.load(open(out / "manifest.json"))["reasoning"]
-    assert s == report.summary
+    assert s == report.summary and s["teacher"] == "scripted" and s["scorer"] == "bm25"
     assert s["counts"]["queries"] == 4 and s["counts"]["generated"] == 8 and s["counts"]["from_cache"] == 0
     assert s["counts"]["kept"] == sum(r["reasoning"] is not None for r in rows.values())
     assert s["dropped"]["empty"] == 1 and s["dropped"]["unfinished"] == 2 and s["dropped"]["no_usable_analysis"] == 1

@@ -593,10 +593,10 @@ def build_reasoning(opts: ReasoningOptions, teacher: SearchR3Encoder | None = No
         replies, from_cache = _generate(opts, encoder, cache, queries)
         scorer = _build_scorer(opts, encoder, os.path.join(opts.input, "corpus.parquet"))
         chosen, gains, drops, stats = _select(opts, encoder, scorer, queries, relevant, replies)
-        for name in sorted(os.listdir(opts.input)):
-            if name not in ("pairs.parquet", "manifest.json"):
-                copy = shutil.copytree if os.path.isdir(os.path.join(opts.input, name)) else shutil.copy2
-                copy(os.path.join(opts.input, name), out.file(name))
+        for entry in sorted(os.listdir(opts.input)):
+            if entry not in ("pairs.parquet", "manifest.json"):
+                copy = shutil.copytree if os.path.isdir(os.path.join(opts.input, entry)) else shutil.copy2
+                copy(os.path.join(opts.input, entry), out.file(entry))
         _write_pairs(out.file("pairs.parquet"), table, chosen, gains)
         summary = {
             "teacher": name,
