@@ -83,7 +83,8 @@ TextsSource = Callable[..., tuple[list[str], list[str]]]
 
 SHARD_KEYS = ("dim", "dtype", "normalize", "index_type", "ivf_nlist", "ivf_nprobe", "hnsw_m", "hnsw_ef_construction",
               "hnsw_ef_search", "ann_rebuild_fraction", "search_chunk_rows", "graph_k", "graph_refresh_age",
-              "staleness_tolerance", "verify_checksums", "search_threads", "state_dir")
+              "staleness_tolerance", "verify_checksums", "search_threads", "state_dir", "hnsw_update_min_cosine", "ann_codes",
+              "rescore_factor", "ann_train_size")
 """Config keys the shard actors act on: a client must agree with existing actors on all of them."""
 
 

@@ -65,7 +65,7 @@ class BuildIndexOptions:
         model: the encoder folder (dense retrievers).
         id_field, contents_field: field names of Search-R1 passage files.
         num_shards: corpus-index shards (one Ray actor each at search time).
-        dtype: vector storage, ``float32`` or ``float16``.
+        dtype: vector storage, ``float32``, ``float16`` or ``bfloat16`` (see :class:`~verl_search_r3.env.EnvConfig`).
         index_type: ``flat`` (exact), ``ivf`` or ``hnsw``.
         batch_size: documents per encoder forward.
         max_length: document token budget of the encoder (None = the model's).
