@@ -3,10 +3,11 @@
 import json
 import os
 import subprocess
+import time
 
 import pytest
 
-from verl_search_r3.cpu.launch import read_metrics, run_logged
+from verl_search_r3.cpu.launch import _stop_group, read_metrics, run_logged
 
 
 def test_run_logged_polls_and_logs(tmp_path):
@@ -18,13 +19,34 @@ def test_run_logged_polls_and_logs(tmp_path):
     assert len(polls) >= 4  # while it ran, and once at the end
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (dead, waiting for a reaper that a container's init may never be) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_run_logged_timeout_stops_the_whole_group(tmp_path):
     pid_file = tmp_path / "child.pid"
     with pytest.raises(subprocess.TimeoutExpired):
         run_logged(["bash", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], os.environ, str(tmp_path / "log"), timeout=1.0, poll_seconds=0.2)
+    assert not _running(int(pid_file.read_text()))  # the grandchild is gone too, not only bash
+
+
+def test_stop_group_kills_a_member_that_ignores_sigterm_after_the_leader_exits(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    proc = subprocess.Popen(["bash", "-c", f"bash -c 'trap \"\" TERM; sleep 60' & echo $! > {pid_file}; wait"], start_new_session=True)
+    while not pid_file.exists() or not pid_file.read_text().strip():
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the member install its trap
     child = int(pid_file.read_text())
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)  # the grandchild is gone too, not only bash
+    start = time.monotonic()
+    _stop_group(proc, grace=1.0)
+    assert proc.returncode is not None
+    assert not _running(child)
+    assert 1.0 <= time.monotonic() - start < 5.0  # it waited the grace period for the member, then killed it
 
 
 def test_read_metrics_merges_steps_and_skips_a_line_being_written(tmp_path):

@@ -27,6 +27,7 @@ Example (Stage 2 on CPU, then its nDCG)::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -108,18 +109,50 @@ def run_logged(command: Sequence[str], env: Mapping[str, str], log_path: str, cw
     return code
 
 
-def _stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the process group of ``proc``, SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, None)):
+def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM to the process group of ``proc``; SIGKILL to what is left of it after ``grace`` seconds.
+
+    The group, not only its leader: a trainer's workers may outlive the shell that started them.
+    """
+    pgid = proc.pid
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so that it does not count as alive
+        if not _group_alive(pgid):
+            break
+        time.sleep(0.1)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is still running (zombies, which only wait for a reaper, do not count)."""
+    if not os.path.isdir("/proc"):
         try:
-            os.killpg(proc.pid, sig)
+            os.killpg(pgid, 0)
+            return True
         except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+            return False
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and _process_group(int(entry)) == pgid:
+            return True
+    return False
+
+
+def _process_group(pid: int) -> int | None:
+    """The process group of a running ``pid`` from ``/proc/<pid>/stat``; ``None`` when gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()  # the command name may contain spaces and ')'
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[2])
 
 
 class RecipeRun:
