@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from verl_search_r3.cpu.launch import _stop_group, read_metrics, run_logged
+from verl_search_r3.cpu.launch import _stop_group, first_exception, read_metrics, run_logged
 
 
 def test_run_logged_polls_and_logs(tmp_path):
@@ -54,3 +54,18 @@ def test_read_metrics_merges_steps_and_skips_a_line_being_written(tmp_path):
     rows = [{"step": 1, "data": {"a": 1.0}}, {"step": 1, "data": {"b": 2.0}}, {"step": 2, "data": {"a": 3.0}}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 3, "da')
     assert read_metrics(str(path)) == {1: {"a": 1.0, "b": 2.0}, 2: {"a": 3.0}}
+
+
+def test_first_exception_is_the_root_cause_not_the_launchers_wrapper(tmp_path):
+    log = tmp_path / "log"
+    log.write_text(
+        "UserWarning: torchtitan engine is not available\n"
+        "Traceback (most recent call last):\n"
+        '  File "data.py", line 332, in _reasoning_sequence\n'
+        "ValueError: pairs.parquet row 35 (query_id='182'): the reasoning prompt has 137 tokens\n"
+        "Traceback (most recent call last):\n"
+        "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
+    )
+    assert first_exception(str(log)) == "ValueError: pairs.parquet row 35 (query_id='182'): the reasoning prompt has 137 tokens"
+    log.write_text("step:1 - loss:1.0\nall good\n")
+    assert first_exception(str(log)) is None

@@ -6,11 +6,13 @@ import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from engine_helpers import engine_forward, make_engine
+from verl.utils import tensordict_utils as tu
 
 from verl_search_r3.embedding import last_token_positions_nested
 from verl_search_r3.stage1.data import GroupCollator, GroupDataConfig, PairsGroupDataset
-from verl_search_r3.stage1.loss import Stage1LossConfig, predicting_rows
-from verl_search_r3.stage1.reference import reference_loss, stage1_forward
+from verl_search_r3.rl.engine import EMBEDDING_KEY
+from verl_search_r3.stage1.loss import Stage1EngineLoss, Stage1LossConfig, assign_group_counts, predicting_rows
 from verl_search_r3.stage1.trainer import EMISSION_METRIC, REPLY_TOKENS_METRIC, EmissionCheck, EmissionConfig, Stage1Config
 from verl_search_r3.tokens import embed_token_id
 
@@ -58,21 +60,25 @@ def test_reasoning_form_masks_and_embedding_position_by_hand(tiny_qwen):
     pos, found = last_token_positions_nested(batch["input_ids"], eid)
     assert pos[0].item() == EMBEDDING and found.all()
 
-    # the reference loop: the query embedding is the final-norm state at 25 (InfoNCE's query vector) ...
+    # verl's engine with the Stage-1 loss: the query embedding is the final-norm state at 25 (InfoNCE's query vector) ...
+    data = tu.get_tensordict(batch, {"temperature": 1.0, "use_remove_padding": False})
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].values().sum()))
+    assign_group_counts(data, 3)
+    loss_fn = Stage1EngineLoss(Stage1LossConfig(kl_weight=0.0), 3)
     with torch.no_grad():
-        out = stage1_forward(model, batch, tok.pad_token_id, eid)
+        out = engine_forward(make_engine(model, eid), model, data, loss_fn)
         hidden = model(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0]
-    torch.testing.assert_close(out["embeddings"][0], F.normalize(hidden[EMBEDDING], dim=-1), atol=1e-5, rtol=1e-4)
-    assert not torch.allclose(out["embeddings"][0], F.normalize(hidden[QUOTED], dim=-1), atol=1e-3)
+    torch.testing.assert_close(out[EMBEDDING_KEY][0], F.normalize(hidden[EMBEDDING], dim=-1), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(out[EMBEDDING_KEY][0], F.normalize(hidden[QUOTED], dim=-1), atol=1e-3)
     # ... and its SFT term is the cross-entropy of exactly the trained tokens of the three sequences
     with torch.no_grad():
-        result = reference_loss(out, batch, 3, Stage1LossConfig(kl_weight=0.0).reference_loss(), None)
+        _, metrics = loss_fn(model_output=out, data=data)
         losses = []
         for seq, m in zip(batch["input_ids"].unbind(), batch["loss_mask"].unbind()):
             logp = model(seq[None]).logits[0].log_softmax(-1)
             losses += [-logp[t - 1, seq[t]] for t in m.nonzero().squeeze(-1).tolist()]
     assert len(losses) == len(ANALYSIS_AND_TOKEN) + 2 * len(DOCUMENT_REPLY)
-    assert float(result.parts["sft"]) == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
+    assert metrics["search_r3/sft"].aggregate() == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
 
 
 def test_reasoning_fraction_draws_the_form_per_row(qwen_tokenizer):

@@ -17,12 +17,13 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 from verl.utils.torch_functional import logprobs_from_logits_naive
 from verl.workers.engine.fsdp import transformer_impl
-from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine.utils import prepare_micro_batches
+
+from engine_helpers import engine_forward, make_engine
 
 from verl_search_r3.embedding import last_hidden_states
 from verl_search_r3.losses import token_kl
-from verl_search_r3.rl.engine import EMBEDDING_KEY, add_embedding_outputs
+from verl_search_r3.rl.engine import EMBEDDING_KEY
 from verl_search_r3.stage1.data import GroupCollator, GroupDataConfig, PairsGroupDataset
 from verl_search_r3.stage1.loss import (
     KL_KEY,
@@ -59,15 +60,6 @@ def pairs():
     )
 
 
-def make_engine(model, token_id=None):
-    eng = object.__new__(FSDPEngineWithLMHead)
-    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
-    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
-    if token_id is not None:
-        add_embedding_outputs(eng, model, token_id)
-    return eng
-
-
 @pytest.fixture()
 def setup(monkeypatch):
     # verl's CPU fallback (logprobs_from_logits_v2) loops over tokens to save GPU memory; the naive
@@ -89,19 +81,13 @@ def setup(monkeypatch):
     return SimpleNamespace(model=model, reference=reference, tok=tok, eng=make_engine(model, token_id), ref_eng=ref_eng, ds=ds)
 
 
-def _forward(eng, model, mb, loss_fn=None):
-    inputs, args = eng.prepare_model_inputs(mb)
-    out = model(**inputs, use_cache=False)
-    return eng.prepare_model_outputs(out, args, mb, loss_fn)
-
-
 def make_batch(s):
     """A rank's batch as the trainer builds it: groups, counts, reference top-k, topk flag."""
     data = tu.get_tensordict(GroupCollator()([s.ds[i] for i in range(len(s.ds))]), {"temperature": 1.0, "use_remove_padding": False})
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=int(data["loss_mask"].values().sum()))
     assign_group_counts(data, s.ds.group_size)
     with torch.no_grad():
-        ref_out = _forward(s.ref_eng, s.reference, data)
+        ref_out = engine_forward(s.ref_eng, s.reference, data)
     data[REF_LOGP_KEY], data[REF_IDS_KEY] = ref_out[REF_LOGP_KEY], ref_out[REF_IDS_KEY]
     tu.assign_non_tensor(data, distillation_use_topk=True)
     return data
@@ -149,7 +135,7 @@ def test_engine_loss_matches_manual_computation(setup):
     loss_fn = Stage1EngineLoss(cfg, s.ds.group_size)
     data = make_batch(s)
     assert data[NUM_GROUPS_KEY] == 3 and data[NUM_PAIRS_KEY] == 2
-    mo = _forward(s.eng, s.model, data, loss_fn)
+    mo = engine_forward(s.eng, s.model, data, loss_fn)
     assert {"log_probs", EMBEDDING_KEY, KL_KEY} <= set(mo)
     loss, metrics = loss_fn(model_output=mo, data=data)
     want = manual_loss(s, cfg)
@@ -174,7 +160,7 @@ def test_loss_is_invariant_to_verl_micro_batching(setup):
         s.model.zero_grad()
         total = 0.0
         for mb in micro_batches:
-            loss, _ = loss_fn(model_output=_forward(s.eng, s.model, mb, loss_fn), data=mb)
+            loss, _ = loss_fn(model_output=engine_forward(s.eng, s.model, mb, loss_fn), data=mb)
             loss.backward()
             total += loss.item()
         return total, s.model.model.norm.weight.grad.clone()

@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from tensordict import TensorDict
 from verl.utils import tensordict_utils as tu
 from verl.workers.config.actor import ActorConfig, PolicyLossConfig
-from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.losses import ppo_loss
+
+from engine_helpers import engine_forward, make_engine
 
 from verl_search_r3.embedding import last_hidden_states
 from verl_search_r3.losses import InfoNCELoss
@@ -52,12 +53,7 @@ def test_response_embeddings_packed_and_padded_layouts():
 def engine_and_model():
     model, tok = build_tiny_qwen2(seed=11)
     model.train()
-    eng = object.__new__(FSDPEngineWithLMHead)
-    eng.pad_to_length, eng.use_ulysses_sp, eng.ulysses_sequence_parallel_size = False, False, 1
-    eng.engine_config = SimpleNamespace(entropy_checkpointing=False, entropy_from_logits_with_chunking=False)
-    eng.module = model
-    add_embedding_outputs(eng, model, embed_token_id(tok))
-    return eng, model, embed_token_id(tok)
+    return make_engine(model, embed_token_id(tok)), model, embed_token_id(tok)
 
 
 def _micro_batch(prompts, responses, use_remove_padding=False):
@@ -75,12 +71,6 @@ def _micro_batch(prompts, responses, use_remove_padding=False):
     return mb
 
 
-def _forward(eng, model, mb):
-    inputs, args = eng.prepare_model_inputs(mb)
-    out = model(**inputs, use_cache=False)
-    return eng.prepare_model_outputs(out, args, mb, None)
-
-
 @pytest.mark.parametrize("use_remove_padding", [False, True])
 def test_engine_outputs_embedding_equal_to_a_manual_forward(engine_and_model, use_remove_padding):
     eng, model, E = engine_and_model
@@ -89,7 +79,7 @@ def test_engine_outputs_embedding_equal_to_a_manual_forward(engine_and_model, us
     prompts = [[11, E, 12, 13]] if use_remove_padding else [[11, E, 12, 13], [14, 15]]
     responses = [[21, 22, E, 23]] if use_remove_padding else [[21, 22, E, 23], [24, E]]
     mb = _micro_batch(prompts, responses, use_remove_padding)
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     assert set(mo) == {"log_probs", EMBEDDING_KEY}
     with torch.no_grad():
         for i, (p, r) in enumerate(zip(prompts, responses)):
@@ -100,7 +90,7 @@ def test_engine_outputs_embedding_equal_to_a_manual_forward(engine_and_model, us
     # a second add is idempotent and the log-prob pass without grad still fills the field
     add_embedding_outputs(eng, model, E)
     with torch.no_grad():
-        assert _forward(eng, model, mb)[EMBEDDING_KEY].shape == (len(prompts), 64)
+        assert engine_forward(eng, model, mb)[EMBEDDING_KEY].shape == (len(prompts), 64)
 
 
 def test_sequence_parallel_is_refused():
@@ -134,7 +124,7 @@ def test_loss_is_ppo_plus_scaled_infonce_and_grads_reach_the_model(engine_and_mo
     doc_mask = torch.tensor([[True, True, False], [True, True, True], [True, True, True]])
     data = _rl_data(mb, responses, docs, doc_ids, doc_mask, global_batch_size=4)
     cfg = ContrastiveConfig(coef=0.5, temperature=0.1)
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     loss, metrics = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=cfg)
 
     base, _ = ppo_loss(_actor_config(), mo, data)
@@ -152,8 +142,8 @@ def test_loss_is_ppo_plus_scaled_infonce_and_grads_reach_the_model(engine_and_mo
     loss.backward()
     assert model.model.norm.weight.grad.abs().sum() > 0
     # coef 0 is exactly verl's ppo_loss
-    off, _ = search_r3_ppo_loss(_actor_config(), _forward(eng, model, mb), data, contrastive=ContrastiveConfig(coef=0))
-    torch.testing.assert_close(off, ppo_loss(_actor_config(), _forward(eng, model, mb), data)[0])
+    off, _ = search_r3_ppo_loss(_actor_config(), engine_forward(eng, model, mb), data, contrastive=ContrastiveConfig(coef=0))
+    torch.testing.assert_close(off, ppo_loss(_actor_config(), engine_forward(eng, model, mb), data)[0])
 
 
 def test_contrastive_gradient_is_invariant_to_micro_batching(engine_and_model):
@@ -171,7 +161,7 @@ def test_contrastive_gradient_is_invariant_to_micro_batching(engine_and_model):
             mb = _micro_batch([prompts[i] for i in idx], [responses[i] for i in idx])
             data = _rl_data(mb, [responses[i] for i in idx], docs[idx], doc_ids[idx], doc_mask[idx], global_batch_size=4)
             data["advantages"] = nj([[0.0] * len(responses[i]) for i in idx], torch.float32)  # isolate the NCE term
-            loss, _ = search_r3_ppo_loss(_actor_config(), _forward(eng, model, mb), data, contrastive=cfg)
+            loss, _ = search_r3_ppo_loss(_actor_config(), engine_forward(eng, model, mb), data, contrastive=cfg)
             loss.backward()
         return model.model.norm.weight.grad.clone()
 
@@ -192,7 +182,7 @@ def test_in_batch_negatives_mask_shared_positives(engine_and_model):
     docs[1, 0] = docs[0, 0]
     doc_ids = torch.tensor([[7, 8], [7, 9]])  # same positive id
     data = _rl_data(mb, responses, docs, doc_ids, torch.ones(2, 2, dtype=torch.bool), global_batch_size=2)
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     with_ib, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1, in_batch_negatives=True))
     nce = InfoNCELoss(0.05)(mo[EMBEDDING_KEY], docs[:, 0], docs[:, 1:], positive_ids=doc_ids[:, 0], negative_ids=doc_ids[:, 1:])
     base, _ = ppo_loss(_actor_config(), mo, data)
@@ -207,7 +197,7 @@ def test_document_batch_pads_to_a_multiple_and_feeds_the_engine(engine_and_model
     assert len(batch) == 4 and batch["input_ids"].offsets().tolist() == [0, 3, 5, 7, 9]
     assert batch["position_ids"].unbind()[0].tolist() == [0, 1, 2]
     tu.assign_non_tensor(batch, use_remove_padding=False)
-    emb = _forward(eng, model, batch)[EMBEDDING_KEY]
+    emb = engine_forward(eng, model, batch)[EMBEDDING_KEY]
     torch.testing.assert_close(emb[1], emb[3])  # the padding row repeats the last document
     assert torch.all(emb.norm(dim=-1) > 0.99)
     with pytest.raises(ValueError):
@@ -242,7 +232,7 @@ def test_doc_grad_reencodes_documents_with_gradient(engine_and_model):
         mb = _micro_batch(prompts, responses)
         if with_tokens:
             mb[DOC_TOKENS_KEY], mb[DOC_TOKEN_LENGTHS_KEY], mb[DOC_IDS_KEY] = fields[DOC_TOKENS_KEY], fields[DOC_TOKEN_LENGTHS_KEY], doc_ids
-        mo = _forward(eng, model, mb)
+        mo = engine_forward(eng, model, mb)
         data = _rl_data(mb, responses, docs, doc_ids, mask, global_batch_size=2)
         data["advantages"] = nj([[0.0] * len(r) for r in responses], torch.float32)
         loss, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1.0, doc_grad=with_tokens))
@@ -348,7 +338,7 @@ def test_doc_grad_forward_skips_the_lm_head_and_respects_the_caps(engine_and_mod
     tok = build_tiny_qwen2()[1]
     mb, texts, id_lists = _doc_grad_inputs(tok, E)
     calls, handle = _count_calls(model.lm_head)
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     assert len(calls) == 1  # the policy forward only; the documents ran through the decoder
     handle.remove()
     with torch.no_grad():
@@ -362,7 +352,7 @@ def test_doc_grad_forward_skips_the_lm_head_and_respects_the_caps(engine_and_mod
 
     # cap: 2 distinct documents -> the positive d1 and the hardest negatives in slot order (d2 of sample 0)
     eng.search_r3_doc_grad_max_docs = 2
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     assert mo[DOC_GRAD_MASK_KEY].tolist() == [[True, True, False], [True, False, True]]
     assert torch.all(mo[DOC_EMBEDDING_KEY][1, 1] == 0)  # d3 left out: zero row, env vector in the loss
     # token budget (dynamic batch size): the micro-batch's own tokens count against it
@@ -370,10 +360,10 @@ def test_doc_grad_forward_skips_the_lm_head_and_respects_the_caps(engine_and_mod
     lengths = dense(mb["search_r3_doc_token_lengths"])
     own = int(mb["input_ids"].offsets()[-1])
     tu.assign_non_tensor(mb, use_dynamic_bsz=True, max_token_len_per_gpu=own + int(lengths[0, 0]))
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     assert mo[DOC_GRAD_MASK_KEY].tolist() == [[True, False, False], [True, False, False]]
     tu.assign_non_tensor(mb, max_token_len_per_gpu=own)  # nothing fits: a one-token forward, nothing encoded
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     assert not mo[DOC_GRAD_MASK_KEY].any() and mo[DOC_EMBEDDING_KEY].requires_grad
 
 
@@ -391,7 +381,7 @@ def test_doc_grad_loss_uses_env_vectors_for_documents_over_the_cap(engine_and_mo
     losses = {}
     for cap in (16, 1):
         eng.search_r3_doc_grad_max_docs = cap
-        mo = _forward(eng, model, mb)
+        mo = engine_forward(eng, model, mb)
         data = _rl_data(mb, [[4, E], [5, 6, E]], docs, mb[DOC_IDS_KEY], mask, global_batch_size=2)
         cfg = ContrastiveConfig(coef=1.0, doc_grad=True, doc_grad_max_docs=cap)
         losses[cap], metrics = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=cfg)
@@ -412,11 +402,11 @@ def test_doc_grad_with_verl_fused_kernels(engine_and_model):
     eng, model, E = engine_and_model
     tok = build_tiny_qwen2()[1]
     mb, _, _ = _doc_grad_inputs(tok, E)
-    want = _forward(eng, model, mb)
+    want = engine_forward(eng, model, mb)
     model.__class__ = type("FusedQwen2ForCausalLM", (Qwen2ForCausalLM,), {})  # verl patches the class: keep it local
     patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
     tu.assign_non_tensor(mb, use_fused_kernels=True)
-    got = _forward(eng, model, mb)
+    got = engine_forward(eng, model, mb)
     torch.testing.assert_close(got[DOC_EMBEDDING_KEY], want[DOC_EMBEDDING_KEY], atol=1e-5, rtol=1e-4)
 
 
@@ -466,7 +456,7 @@ def test_rows_without_a_positive_offer_no_in_batch_negative(engine_and_model):
     mask = torch.tensor([[True, True], [True, True], [False, False]])
     mb = _micro_batch(prompts, responses)
     data = _rl_data(mb, responses, docs, doc_ids, mask, global_batch_size=3)
-    mo = _forward(eng, model, mb)
+    mo = engine_forward(eng, model, mb)
     got, _ = search_r3_ppo_loss(_actor_config(), mo, data, contrastive=ContrastiveConfig(coef=1, in_batch_negatives=True))
     q = mo[EMBEDDING_KEY][:2]
     want_nce = InfoNCELoss(0.05)(q, docs[:2, 0], docs[:2, 1:], positive_ids=doc_ids[:2, 0], negative_ids=doc_ids[:2, 1:])

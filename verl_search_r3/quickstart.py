@@ -48,7 +48,7 @@ from .evaluate import SystemResult, evaluate_retriever, markdown_table, plot_res
 from .prompts import DEFAULT_TEMPLATES, format_document
 from .retrieval.bm25 import BM25Retriever
 from .retrieval.dense import DenseRetriever, SearchR3Queries, search_r3_index
-from .retrieval.encoder import SearchR3Encoder
+from .retrieval.encoder import SearchR3Encoder, reasoning_prompt_ids
 
 __all__ = ["QuickstartConfig", "run_quickstart", "main"]
 
@@ -186,8 +186,20 @@ def _fmt(m: dict[str, float], keys: Sequence[tuple[str, str]]) -> str:
     return " ".join(f"{label} {m[k]:.3g}" for k, label in keys if k in m)
 
 
+def query_budget(model_dir: str, pairs_path: str, analysis_tokens: int) -> int:
+    """Stage 1's ``query_max_length``: the longest reasoning prompt of the pairs, an analysis of
+    ``analysis_tokens`` and the embed token (a tokenizer without the token spells it in pieces,
+    which only overestimates)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    queries = set(pq.read_table(pairs_path, columns=["query"]).column("query").to_pylist())
+    return max(len(reasoning_prompt_ids(tok, q)) for q in queries) + analysis_tokens + 1
+
+
 def stage1(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) -> tuple[str, dict[int, dict[str, float]]]:
     """Stage 1 through ``recipes/run_sft_cpu.sh``; returns ``(export folder, metrics by step)``."""
+    max_query = query_budget(model_dir, os.path.join(data_dir, "pairs.parquet"), cfg.max_new_tokens)
     export = os.path.join(folder, "models", "stage1")
     recipe = _recipe(cfg, "run_sft_cpu.sh", folder, cfg.sft_steps, False, DATA_DIR=data_dir, MODEL_PATH=model_dir,
                      EXPORT_DIR=export, CKPT_DIR=os.path.join(folder, "checkpoints", "stage1"))
@@ -196,7 +208,8 @@ def stage1(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) ->
             f"trainer.total_training_steps={cfg.sft_steps}", f"trainer.test_freq={cfg.sft_steps}",
             f"trainer.save_freq={cfg.sft_steps}", f"data.train_batch_size={cfg.sft_batch_size}",
             f"optim.lr={cfg.sft_lr}", f"data.search_r3.num_negatives={cfg.num_negatives}",
-            f"data.search_r3.doc_max_length={cfg.doc_max_length}", f"data.search_r3.reasoning_fraction={cfg.reasoning_fraction}",
+            f"data.search_r3.doc_max_length={cfg.doc_max_length}", f"data.search_r3.query_max_length={max_query}",
+            f"data.search_r3.reasoning_fraction={cfg.reasoning_fraction}",
             f"search_r3.emission.queries={cfg.eval_queries}", f"search_r3.emission.max_new_tokens={cfg.max_new_tokens}",
             f"trainer.seed={cfg.seed}",
         ],

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -215,7 +216,9 @@ class RecipeRun:
         finally:
             bar.close()
         if code != 0:
-            raise RuntimeError(f"{self.name} exited with status {code}; log: {self.log}\n{self.tail()}")
+            cause = first_exception(self.log)
+            raise RuntimeError(f"{self.name} exited with status {code}" + (f": {cause}" if cause else "")
+                               + f"\nlog: {self.log}\n{self.tail()}")
         return self.metrics()
 
     def tail(self, n: int = 30) -> str:
@@ -223,3 +226,18 @@ class RecipeRun:
         with open(self.log, encoding="utf-8", errors="replace") as f:
             lines = [line for line in f if "Warning" not in line and "warnings.warn" not in line]
         return "".join(lines[-n:])
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception)(?::|$)")
+_WRAPPERS = ("ChildFailedError", "RayTaskError", "RaySystemError", "ActorDiedError")
+
+
+def first_exception(log_path: str) -> str | None:
+    """The first ``SomeError: message`` line of a log, the root cause (launchers' wrappers around
+    it, e.g. torchrun's ``ChildFailedError``, skipped); ``None`` when there is none."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            text = line.strip()
+            if _EXCEPTION_LINE.match(text) and not any(w in text for w in _WRAPPERS):
+                return text
+    return None

@@ -404,6 +404,12 @@ class SearchR3Encoder:
                 "backend='vllm' needs vllm installed, a CUDA device, a non-GGUF folder and a tokenizer that "
                 f"already has {templates.embed_token!r}"
             )
+        if backend == "auto" and not vllm_ok and dev.type == "cuda" and importlib.util.find_spec("vllm") is not None:
+            warnings.warn(
+                f"generating with transformers, not vLLM: {path!r} is a GGUF file or its tokenizer lacks "
+                f"{templates.embed_token!r} (prepare a copy with it: verl_search_r3.stage1.trainer.prepare_base_model)",
+                stacklevel=2,
+            )
         generator = None
         if backend == "vllm" or (backend == "auto" and vllm_ok):
             generator = VLLMGenerator(path, dtype=str(dt).removeprefix("torch."), **(vllm_kwargs or {}))

@@ -4,6 +4,5 @@
 * :mod:`.loss` — the Stage-1 objective as a verl engine loss (SFT + KL + InfoNCE + triplet).
 * :mod:`.trainer` — :class:`~.trainer.SearchR3SFTTrainer` (verl ``SFTTrainer``), base-model
   preparation, HF export with the embed token.
-* :mod:`.reference` — the same data and objective in one plain PyTorch process.
 * :mod:`.__main__` — the hydra entry point.
 """

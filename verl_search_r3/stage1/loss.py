@@ -24,8 +24,8 @@ approach of verl's own top-k distillation, ``verl/trainer/distillation``):
    positions (:data:`KL_KEY`), with gradients, before verl reduces the logits to log-probs.
 
 With ``kl_topk`` equal to the vocabulary size this is exactly
-:func:`~verl_search_r3.losses.token_kl` (``direction="ref_policy"``), which the CPU reference
-loop uses; :data:`REF_LOGP_KEY`'s covered mass is logged as ``search_r3/ref_topk_mass``.
+:func:`~verl_search_r3.losses.token_kl` (``direction="ref_policy"``); :data:`REF_LOGP_KEY`'s
+covered mass is logged as ``search_r3/ref_topk_mass``.
 
 **Normalisation.** Like verl's ``sft_loss``, every term is a micro-batch *sum* divided by its
 global count and multiplied by ``dp_size``, so summed micro-batch gradients and FSDP's mean over
@@ -50,7 +50,7 @@ from verl.utils import tensordict_utils as tu
 from verl.utils.metric import AggregationType, Metric
 
 from ..config_utils import dataclass_from_dict
-from ..losses import InfoNCELoss, Stage1Loss, TripletMarginLoss, group_cosine_similarity, in_batch_accuracy
+from ..losses import InfoNCELoss, TripletMarginLoss, group_cosine_similarity, in_batch_accuracy
 from ..rl.engine import EMBEDDING_KEY
 from .data import DOC_KEY, GROUP_KEY, RELEVANT_KEY, ROLE_KEY, VALID_KEY, check_groups, relevance_exclusion, split_groups
 
@@ -122,21 +122,6 @@ class Stage1LossConfig:
     def from_config(cls, cfg: Any) -> Stage1LossConfig:
         """From a mapping or an OmegaConf node (missing keys take the defaults above)."""
         return dataclass_from_dict(cls, cfg, "search_r3.loss")
-
-    def reference_loss(self) -> Stage1Loss:
-        """The same objective as :class:`~verl_search_r3.losses.Stage1Loss` (full-vocabulary KL)."""
-        return Stage1Loss(
-            sft_weight=self.sft_weight,
-            kl_weight=self.kl_weight,
-            infonce_weight=self.infonce_weight,
-            triplet_weight=self.triplet_weight,
-            temperature=self.temperature,
-            margin=self.margin,
-            symmetric=self.symmetric,
-            kl_direction="ref_policy",
-            triplet_reduction=self.triplet_reduction,
-            in_batch_negatives=self.in_batch_negatives,
-        )
 
 
 def predicting_rows(loss_mask: Tensor) -> Tensor:
