@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict
@@ -49,6 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pyarrow.parquet as pq  # noqa: E402
 
 from verl_search_r3.atomic import atomic_write_text, write_json  # noqa: E402
+from verl_search_r3.cpu.launch import RecipeRun  # noqa: E402
 from verl_search_r3.data.beir import load_beir  # noqa: E402
 from verl_search_r3.data.build import BuildOptions, build_pairs  # noqa: E402
 from verl_search_r3.data.negatives import NegativeOptions  # noqa: E402
@@ -56,6 +56,8 @@ from verl_search_r3.data.reasoning import ReasoningOptions, build_reasoning  # n
 from verl_search_r3.evaluate import SystemResult, corpus_texts, evaluate_retriever, markdown_table  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAGE1_SHOWN = ("search_r3/infonce", "search_r3/sft", "val/search_r3/emission_rate")
+GRPO_SHOWN = ("search_r3/ndcg", "search_r3/forced", "env/n_encoded")
 CRANFIELD = os.path.join(REPO, "..", "shared", "data", "cranfield")
 
 
@@ -93,7 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e = p.add_argument_group("evaluation")
     e.add_argument("--max-new-tokens", type=int, default=64, help="reasoning budget per held-out query")
     e.add_argument("--eval-batch-size", type=int, default=16, help="texts per encoder batch")
-    e.add_argument("--grpo-steps", type=int, default=0, help="GRPO steps from (c)'s export for row (d); 0 = no (d)")
+    e.add_argument("--grpo-steps", type=int, default=0,
+                   help="GRPO steps (recipes/run_grpo_cpu.sh, the rl_train queries, the recipe's batch) from (c)'s last checkpoint "
+                   "for row (d); 0 = no (d)")
     return p.parse_args(argv)
 
 
@@ -222,15 +226,11 @@ def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, re
            every: int) -> dict[str, Any]:
     """One Stage-1 run of verl's SFT trainer, validating and checkpointing every ``every`` steps;
     returns the logged metrics and the checkpoint folders by step."""
-    from verl_search_r3.cpu.launch import cpu_environ, read_metrics
-
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    os.makedirs(run_dir)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     overrides = [
         f"trainer.total_training_steps={args.steps}", f"trainer.save_freq={every}", f"trainer.test_freq={every}",
-        "trainer.logger=[console,file]", f"trainer.seed={args.seed}",
+        f"trainer.seed={args.seed}",
         "checkpoint.save_contents=[hf_model]",
         f"data.train_batch_size={args.batch_size}", "data.val_max_samples=16",
         # one micro-batch per step: in-batch negatives are the whole batch, as in the reference loop
@@ -242,22 +242,38 @@ def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, re
         f"search_r3.emission.queries={n_queries}", f"search_r3.emission.max_new_tokens={args.max_new_tokens}",
         f"search_r3.emission.batch_size={args.eval_batch_size}",
     ]
-    env = {**(cpu_environ(metrics_path=metrics_path) if args.device == "cpu" else os.environ), "OMP_NUM_THREADS": str(args.threads),
-           "DATA_DIR": data_dir, "MODEL_PATH": model, "CKPT_DIR": os.path.join(run_dir, "ckpt"),
-           "EXPORT_DIR": os.path.join(run_dir, "export"), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    if args.device == "cpu":
-        cmd = ["bash", os.path.join(REPO, "recipes", "run_sft_cpu.sh"), *overrides]
-    else:
-        env["VERL_FILE_LOGGER_PATH"] = metrics_path
-        cmd = ["bash", os.path.join(REPO, "recipes", "run_sft_qwen1.5b.sh"), "model.use_remove_padding=False", *overrides]
-    log(f"stage 1 ({reasoning_fraction=}): {' '.join(cmd)}")
-    with open(os.path.join(run_dir, "train.log"), "w") as out:
-        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=run_dir)
-    if proc.returncode != 0:
-        sys.exit(f"Stage 1 failed (exit {proc.returncode}); see {os.path.join(run_dir, 'train.log')}")
-    metrics = read_metrics(metrics_path)
+    env = {"OMP_NUM_THREADS": str(args.threads), "DATA_DIR": data_dir, "MODEL_PATH": model, "CKPT_DIR": os.path.join(run_dir, "ckpt"),
+           "EXPORT_DIR": os.path.join(run_dir, "export")}
+    script, extra = ("run_sft_cpu.sh", []) if args.device == "cpu" else ("run_sft_qwen1.5b.sh", ["model.use_remove_padding=False"])
+    recipe = RecipeRun(os.path.join(REPO, "recipes", script), run_dir, args.steps, env, cpu=args.device == "cpu", uses_ray=False,
+                       name="train")
+    log(f"stage 1 ({reasoning_fraction=}): {recipe.script}; log {recipe.log}")
+    metrics = recipe.run([*extra, *overrides], lambda m: " ".join(f"{k.split('/')[-1]} {m[k]:.3g}" for k in STAGE1_SHOWN if k in m))
     ckpts = {s: os.path.join(run_dir, "ckpt", f"global_step_{s}", "huggingface") for s in range(every, args.steps + 1, every)}
     return {"metrics": {str(k): v for k, v in metrics.items()}, "checkpoints": {str(k): v for k, v in ckpts.items()}}
+
+
+def grpo(args: argparse.Namespace, data_dir: str, model: str, run_dir: str) -> dict[str, Any]:
+    """``--grpo-steps`` steps of ``main_ppo`` with the ``search_r3`` trainer from ``model``; returns
+    the logged metrics and the actor's HF export of the last step."""
+    if os.path.isdir(run_dir):
+        shutil.rmtree(run_dir)
+    ckpt = os.path.join(run_dir, "ckpt")
+    env = {"OMP_NUM_THREADS": str(args.threads), "DATA_DIR": data_dir, "MODEL_PATH": model, "CKPT_DIR": ckpt}
+    script, extra = ("run_grpo_cpu.sh", []) if args.device == "cpu" else ("run_grpo_qwen1.5b.sh", [])
+    recipe = RecipeRun(os.path.join(REPO, "recipes", script), run_dir, args.grpo_steps, env, cpu=args.device == "cpu", name="grpo")
+    log(f"GRPO from {model}: {recipe.script}; log {recipe.log}")
+    metrics = recipe.run([
+        *extra, f"trainer.total_training_steps={args.grpo_steps}", f"trainer.save_freq={args.grpo_steps}",
+        f"trainer.test_freq={args.grpo_steps}", "trainer.val_before_train=False", "trainer.resume_mode=disable",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        f"data.max_response_length={args.max_new_tokens}", f"search_r3.doc_max_length={args.doc_max_length}",
+        "search_r3.env.detached=False", f"data.seed={args.seed}", f"actor_rollout_ref.rollout.seed={args.seed}",
+    ], lambda m: " ".join(f"{k.split('/')[-1]} {m[k]:.3g}" for k in GRPO_SHOWN if k in m))
+    hf = os.path.join(ckpt, f"global_step_{args.grpo_steps}", "actor", "huggingface")
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+        sys.exit(f"the GRPO run saved no Hugging Face model in {hf}; log: {recipe.log}")
+    return {"metrics": {str(k): v for k, v in metrics.items()}, "export": hf}
 
 
 def curve(args: argparse.Namespace, run: dict[str, Any], name: str, queries: dict[str, str]) -> list[dict[str, Any]]:
@@ -345,8 +361,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     curve_c = phases.run("c_eval", [*reasoning_keys, *train_keys, "reasoning_fraction", *eval_keys], curve, args, run_c,
                          "(c) Stage 1, self-analyses", queries)
     rows = [*baselines, *untrained, *curve_b[-1]["rows"], *curve_c[-1]["rows"]]
+    grpo_run = None
     if args.grpo_steps > 0:
-        sys.exit("--grpo-steps: row (d) is not part of this benchmark yet")
+        c_last = run_c["checkpoints"][str(args.steps)]
+        grpo_run = phases.run("d_train", [*reasoning_keys, *train_keys, "reasoning_fraction", "grpo_steps", "max_new_tokens"], grpo,
+                              args, reasoned, c_last, os.path.join(out, "run_d"))
+        rows += phases.run("d_eval", [*reasoning_keys, *train_keys, "reasoning_fraction", "grpo_steps", *eval_keys], evaluate_model,
+                           args, grpo_run["export"], f"(d) (c) + {args.grpo_steps} GRPO steps", queries)
     report = {
         "settings": vars(args),
         "held_out_queries": len(queries),
@@ -355,6 +376,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "examples": {r["name"]: r["examples"] for r in rows if "examples" in r},
         "curves": {"b": [{k: v for k, v in p.items() if k != "rows"} for p in curve_b],
                    "c": [{k: v for k, v in p.items() if k != "rows"} for p in curve_c]},
+        "grpo_metrics": grpo_run["metrics"] if grpo_run else None,
         "targets": {
             "c_emission_rate": curve_c[-1]["emission_rate"], "c_emission_target_met": curve_c[-1]["emission_rate"] >= 0.9,
             "c_ndcg10_on_minus_off": curve_c[-1]["ndcg10_on"] - curve_c[-1]["ndcg10_off"],
