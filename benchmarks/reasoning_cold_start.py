@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after a 5%% warm-up)")
     t.add_argument("--kl-weight", type=float, default=1.0, help="search_r3.loss.kl_weight")
     t.add_argument("--reasoning-fraction", type=float, default=1.0, help="data.search_r3.reasoning_fraction of run (c)")
+    t.add_argument("--fixed-replies", choices=("on", "off"), default="on",
+                   help="data.search_r3.train_fixed_replies of run (c): SFT/KL also on the direct forms' fixed 'Embedding: <|embed_token|>' "
+                   "reply ((b) keeps the recipe's default, on)")
     t.add_argument("--embed-token-init", default="tokens:<|im_end|>\n",
                    help="search_r3.embed_token_init, also used for (a): the mean of the end-of-turn and newline rows starts "
                    "the token where the model ends a reply (the mean row leaves it unlikely everywhere)")
@@ -222,8 +225,8 @@ def base_model(args: argparse.Namespace, out: str) -> str:
     return prepare_base_model(smollm2_hf_dir(with_embed_token=False), out, init=args.embed_token_init)
 
 
-def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, reasoning_fraction: float, n_queries: int,
-           every: int) -> dict[str, Any]:
+def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, reasoning_fraction: float, fixed_replies: bool,
+           n_queries: int, every: int) -> dict[str, Any]:
     """One Stage-1 run of verl's SFT trainer, validating and checkpointing every ``every`` steps;
     returns the logged metrics and the checkpoint folders by step."""
     if os.path.isdir(run_dir):
@@ -237,7 +240,7 @@ def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, re
         f"data.max_token_len_per_gpu={args.batch_size * (args.query_max_length + (1 + args.num_negatives) * args.doc_max_length)}",
         f"data.search_r3.num_negatives={args.num_negatives}", f"data.search_r3.doc_max_length={args.doc_max_length}",
         f"data.search_r3.query_max_length={args.query_max_length}", f"data.search_r3.reasoning_fraction={reasoning_fraction}",
-        f"data.search_r3.seed={args.seed}",
+        f"data.search_r3.seed={args.seed}", f"data.search_r3.train_fixed_replies={fixed_replies}",
         f"optim.lr={args.lr}", "optim.lr_scheduler_type=constant", f"search_r3.loss.kl_weight={args.kl_weight}", f"search_r3.embed_token_init='{args.embed_token_init}'",
         f"search_r3.emission.queries={n_queries}", f"search_r3.emission.max_new_tokens={args.max_new_tokens}",
         f"search_r3.emission.batch_size={args.eval_batch_size}",
@@ -286,6 +289,7 @@ def curve(args: argparse.Namespace, run: dict[str, Any], name: str, queries: dic
             "step": int(step),
             "emission_rate": on["details"]["emission_rate"],
             "trainer_emission_rate": logged.get("val/search_r3/emission_rate"),
+            "reply_words": on.get("reply_words_mean"), "trainer_reply_tokens": logged.get("val/search_r3/reply_tokens"),
             "ndcg10_off": off["metrics"]["nDCG@10"], "ndcg10_on": on["metrics"]["nDCG@10"],
             "recall100_off": off["metrics"]["Recall@100"], "recall100_on": on["metrics"]["Recall@100"],
             "sft": logged.get("search_r3/sft"), "infonce": logged.get("search_r3/infonce"), "rows": [off, on],
@@ -353,20 +357,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = base_model(args, os.path.join(out, "base_model"))
     untrained = phases.run("a_untrained", [*data_keys, *eval_keys, "embed_token_init"], evaluate_model, args, base, "(a) untrained", queries)
     every = args.eval_every if 0 < args.eval_every < args.steps else args.steps
-    run_b = phases.run("b_train", [*data_keys, *train_keys], stage1, args, pairs, base, os.path.join(out, "run_b"), 0.0, len(queries),
+    run_b = phases.run("b_train", [*data_keys, *train_keys], stage1, args, pairs, base, os.path.join(out, "run_b"), 0.0, True, len(queries),
                        args.steps)  # (b) is evaluated at its last step only
     curve_b = phases.run("b_eval", [*data_keys, *train_keys, *eval_keys], curve, args, run_b, "(b) Stage 1, no analyses", queries)
-    run_c = phases.run("c_train", [*reasoning_keys, *train_keys, "reasoning_fraction"], stage1, args, reasoned, base,
-                       os.path.join(out, "run_c"), args.reasoning_fraction, len(queries), every)
-    curve_c = phases.run("c_eval", [*reasoning_keys, *train_keys, "reasoning_fraction", *eval_keys], curve, args, run_c,
-                         "(c) Stage 1, self-analyses", queries)
+    c_keys = [*reasoning_keys, *train_keys, "reasoning_fraction", *(["fixed_replies"] if args.fixed_replies == "off" else [])]
+    run_c = phases.run("c_train", c_keys, stage1, args, reasoned, base, os.path.join(out, f"run_c_fixed_{args.fixed_replies}"),
+                       args.reasoning_fraction, args.fixed_replies == "on", len(queries), every)
+    curve_c = phases.run("c_eval", [*c_keys, *eval_keys], curve, args, run_c, "(c) Stage 1, self-analyses"
+                         + ("" if args.fixed_replies == "on" else ", no fixed replies"), queries)
     rows = [*baselines, *untrained, *curve_b[-1]["rows"], *curve_c[-1]["rows"]]
     grpo_run = None
     if args.grpo_steps > 0:
         c_last = run_c["checkpoints"][str(args.steps)]
-        grpo_run = phases.run("d_train", [*reasoning_keys, *train_keys, "reasoning_fraction", "grpo_steps", "max_new_tokens"], grpo,
+        grpo_run = phases.run("d_train", [*c_keys, "grpo_steps", "max_new_tokens"], grpo,
                               args, reasoned, c_last, os.path.join(out, "run_d"))
-        rows += phases.run("d_eval", [*reasoning_keys, *train_keys, "reasoning_fraction", "grpo_steps", *eval_keys], evaluate_model,
+        rows += phases.run("d_eval", [*c_keys, "grpo_steps", *eval_keys], evaluate_model,
                            args, grpo_run["export"], f"(d) (c) + {args.grpo_steps} GRPO steps", queries)
     report = {
         "settings": vars(args),
@@ -381,6 +386,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "c_emission_rate": curve_c[-1]["emission_rate"], "c_emission_target_met": curve_c[-1]["emission_rate"] >= 0.9,
             "c_ndcg10_on_minus_off": curve_c[-1]["ndcg10_on"] - curve_c[-1]["ndcg10_off"],
             "c_reasoning_helps_or_ties": curve_c[-1]["ndcg10_on"] >= curve_c[-1]["ndcg10_off"],
+            "c_reply_words_mean": curve_c[-1]["reply_words"],  # ~1 word ("Embedding:") = emits without an analysis
         },
         "seconds": phases.seconds,
         "wall_s": round(time.perf_counter() - start, 1),

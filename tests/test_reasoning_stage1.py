@@ -81,6 +81,17 @@ def test_reasoning_form_masks_and_embedding_position_by_hand(tiny_qwen):
     assert metrics["search_r3/sft"].aggregate() == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
 
 
+def test_without_fixed_replies_only_the_reasoning_form_is_trained(qwen_tokenizer):
+    def masks(fraction):
+        cfg = GroupDataConfig(num_negatives=1, reasoning_fraction=fraction, train_fixed_replies=False,
+                              templates={"query_reasoning_system": SYSTEM})
+        item = PairsGroupDataset(pa.Table.from_pylist([ROW]), qwen_tokenizer, cfg)[0]
+        return [[i for i, m in enumerate(mask.tolist()) if m] for mask in item["loss_mask"]]
+
+    assert masks(1.0) == [list(ANALYSIS_AND_TOKEN), [], []]  # the analysis and the token; no document reply
+    assert masks(0.0) == [[], [], []]  # the direct form's fixed reply is prompt text: nothing to train
+
+
 def test_reasoning_fraction_draws_the_form_per_row(qwen_tokenizer):
     assert dataset(qwen_tokenizer, 0.0)[0]["input_ids"][0].tolist()[-5:] != dataset(qwen_tokenizer, 1.0)[0]["input_ids"][0].tolist()[-5:]
     direct = qwen_tokenizer.convert_ids_to_tokens(dataset(qwen_tokenizer, 0.0)[0]["input_ids"][0].tolist())

@@ -6,6 +6,7 @@ exactly the micro-batch code path: ``prepare_model_inputs`` -> module -> ``prepa
 """
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -280,3 +281,18 @@ def test_embedding_terms_and_metrics_are_float32_under_bf16_autocast(qwen_tokeni
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=0)
     for key in ("infonce", "triplet", "accuracy", "pos_cos", "neg_cos"):
         assert got[f"search_r3/{key}"].aggregate() == pytest.approx(want[f"search_r3/{key}"].aggregate(), abs=1e-6), key
+
+
+def test_a_batch_without_trained_tokens_keeps_the_embedding_terms(setup):
+    """``train_fixed_replies=False`` and no reasoning traces: nothing to imitate, still a finite contrastive step."""
+    s = setup
+    ds = PairsGroupDataset(pairs(), s.tok, dataclasses.replace(DATA, train_fixed_replies=False))
+    data = tu.get_tensordict(GroupCollator()([ds[i] for i in range(len(ds))]), {"temperature": 1.0, "use_remove_padding": False})
+    assert int(data["loss_mask"].values().sum()) == 0
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=0)
+    assign_group_counts(data, ds.group_size)
+    loss_fn = Stage1EngineLoss(Stage1LossConfig(kl_weight=0.0), ds.group_size)
+    loss, metrics = loss_fn(model_output=engine_forward(s.eng, s.model, data, loss_fn), data=data)
+    assert torch.isfinite(loss)
+    assert metrics["search_r3/sft"].aggregate() == 0.0
+    assert metrics["search_r3/infonce"].aggregate() > 0

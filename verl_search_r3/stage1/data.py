@@ -21,8 +21,9 @@ Every sequence is a chat prompt that ends exactly at ``<|embed_token|>``:
   trace and the token, as the model will generate it;
 * positives and negatives: the **document** form.
 
-``loss_mask`` is 1 on the assistant turn only (the tokens the model would generate: the reply
-``Embedding: <|embed_token|>`` or the reasoning trace and the token), for the SFT and KL terms.
+``loss_mask`` is 1 on the assistant turn only (the tokens the model would generate: the reasoning
+trace and the token, and, unless ``train_fixed_replies`` is off, the fixed reply
+``Embedding: <|embed_token|>`` of the direct forms), for the SFT and KL terms.
 Groups with fewer hard negatives than ``num_negatives`` are padded with empty documents marked
 invalid (:data:`VALID_KEY`); invalid sequences are masked out of every loss.
 
@@ -111,6 +112,11 @@ class GroupDataConfig:
         train_split: ``split`` value of the training rows; null = all rows.
         val_split: ``split`` value of the validation rows; null = all rows.
         seed: seed of the reasoning/direct draw.
+        train_fixed_replies: SFT and KL also on the fixed reply (``Embedding: <|embed_token|>``) of
+            the query-direct and document forms. Those replies are prompt text at inference (the
+            direct prompts end at the token; nothing is generated), so False trains generation only
+            where the model writes: the reasoning form. True teaches the model to answer
+            ``Embedding:`` to any prompt, which competes with the analysis under the reasoning prompt.
         templates: overrides of :class:`~verl_search_r3.prompts.PromptTemplates` fields
             (``query_reasoning_system``, ``query_direct_system``, ``document_system``, ``embed_reply``).
     """
@@ -123,6 +129,7 @@ class GroupDataConfig:
     train_split: str | None = "train"
     val_split: str | None = "val"
     seed: int = 0
+    train_fixed_replies: bool = True
     templates: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -368,10 +375,11 @@ class PairsGroupDataset(Dataset):
         seqs += [self._embed_sequence("", "document", cfg.doc_max_length)] * n_pad
 
         valid = [True] * (len(seqs) - n_pad) + [False] * n_pad
+        trained = [trace is not None or cfg.train_fixed_replies] + [cfg.train_fixed_replies] * (len(seqs) - 1)
         input_ids, loss_mask = [], []
-        for (ids, start), ok in zip(seqs, valid):
+        for (ids, start), ok, train in zip(seqs, valid, trained):
             mask = torch.zeros(len(ids), dtype=torch.long)
-            if ok:
+            if ok and train:
                 mask[start:] = 1
             input_ids.append(torch.tensor(ids, dtype=torch.long))
             loss_mask.append(mask)

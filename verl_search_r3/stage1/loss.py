@@ -274,7 +274,7 @@ class Stage1EngineLoss:
             total = total + weight * value
             metrics[f"search_r3/{name}"] = _sum_metric(value.detach())
 
-        token_scale = dp_size / data["batch_num_tokens"]
+        token_scale = dp_size / max(data["batch_num_tokens"], 1)  # 0 when no sequence of the step has trained tokens
         if cfg.sft_weight:
             add("sft", cfg.sft_weight, -model_output["log_probs"].values().float()[rows].sum() * token_scale)
         if cfg.kl_weight:
