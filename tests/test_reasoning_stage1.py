@@ -33,8 +33,9 @@ DOCUMENT_REPLY = ["<think>", "ĊĊ", "</think>", "ĊĊ", "Embed", "ding", ":", "
 QUOTED, EMBEDDING = 8, 25
 
 
-def dataset(tokenizer, fraction: float = 1.0) -> PairsGroupDataset:
-    cfg = GroupDataConfig(num_negatives=1, reasoning_fraction=fraction, templates={"query_reasoning_system": SYSTEM})
+def dataset(tokenizer, fraction: float = 1.0, fixed_replies: bool = True) -> PairsGroupDataset:
+    cfg = GroupDataConfig(num_negatives=1, reasoning_fraction=fraction, train_fixed_replies=fixed_replies,
+                          templates={"query_reasoning_system": SYSTEM})
     return PairsGroupDataset(pa.Table.from_pylist([ROW]), tokenizer, cfg)
 
 
@@ -81,10 +82,9 @@ def test_reasoning_form_masks_and_embedding_position_by_hand(tiny_qwen):
     assert metrics["search_r3/sft"].aggregate() == pytest.approx(float(torch.stack(losses).mean()), rel=1e-4)
 
 
-def test_without_fixed_replies_only_the_reasoning_form_is_trained(qwen_tokenizer):
+def test_by_default_only_the_reasoning_form_is_trained(qwen_tokenizer):
     def masks(fraction):
-        cfg = GroupDataConfig(num_negatives=1, reasoning_fraction=fraction, train_fixed_replies=False,
-                              templates={"query_reasoning_system": SYSTEM})
+        cfg = GroupDataConfig(num_negatives=1, reasoning_fraction=fraction, templates={"query_reasoning_system": SYSTEM})
         item = PairsGroupDataset(pa.Table.from_pylist([ROW]), qwen_tokenizer, cfg)[0]
         return [[i for i, m in enumerate(mask.tolist()) if m] for mask in item["loss_mask"]]
 

@@ -67,15 +67,18 @@ def test_group_layout_padding_and_keys(qwen_tokenizer):
     assert max(len(t) for t in item["input_ids"][1:]) <= 40
 
 
-def test_loss_mask_covers_exactly_the_assistant_turn(qwen_tokenizer):
-    ds = make_dataset(qwen_tokenizer, reasoning_fraction=1.0)
+@pytest.mark.parametrize("fixed_replies", [False, True])
+def test_loss_mask_covers_exactly_the_assistant_turn(qwen_tokenizer, fixed_replies):
+    ds = make_dataset(qwen_tokenizer, reasoning_fraction=1.0, train_fixed_replies=fixed_replies)
     header = qwen_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
     reply = qwen_tokenizer(DEFAULT_TEMPLATES.embed_reply, add_special_tokens=False)["input_ids"]
     for index in range(len(ds)):
         item = ds[index]
-        for role, ids, mask in zip(item[ROLE_KEY], item["input_ids"], item["loss_mask"]):
+        for role, ids, mask, valid in zip(item[ROLE_KEY], item["input_ids"], item["loss_mask"], item[VALID_KEY]):
             ids, mask = ids.tolist(), mask.tolist()
-            if sum(mask) == 0:
+            trained = bool(valid) and (fixed_replies or (index == 2 and role == 0))  # the reasoning form is always trained
+            assert (sum(mask) > 0) == trained, (index, int(role))
+            if not trained:
                 continue
             start = mask.index(1)
             assert all(mask[start:]) and not any(mask[:start])  # one contiguous span up to the end

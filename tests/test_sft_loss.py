@@ -48,7 +48,9 @@ ROWS = [  # (query_id, query, pos_id, neg_ids); q1 has two positives, so d2 must
     ("q2", "hypersonic heating", "d3", ["d1"]),
 ]
 # short system prompts keep the CPU forward cheap (verl's CPU log-prob path is per token over 152k words)
-DATA = GroupDataConfig(num_negatives=1, doc_max_length=32, templates={"query_direct_system": "Query.", "document_system": "Doc."})
+# the fixed replies are trained, so SFT and KL have tokens in these direct-form groups
+DATA = GroupDataConfig(num_negatives=1, doc_max_length=32, train_fixed_replies=True,
+                       templates={"query_direct_system": "Query.", "document_system": "Doc."})
 DOCS = {f"d{i}": f"document {i} on {w}" for i, w in enumerate(["", "plates", "flow", "heat", "wings", "noise", "shocks"]) if i}
 
 

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from e2e_run import PPO_TINY, run_recipe
 from transformers import AutoTokenizer
@@ -17,19 +21,32 @@ from verl_search_r3.tokens import embed_token_id
 pytestmark = pytest.mark.e2e
 
 
-def test_stage1_export_then_grpo_on_two_ranks(search_r3_data, stage1_base, ray_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def reasoning_data(search_r3_data, tmp_path_factory) -> str:
+    """``search_r3_data`` with an analysis for every query (what ``build_reasoning`` adds), so SFT and KL have tokens."""
+    out = tmp_path_factory.mktemp("reasoning_data")
+    for name in os.listdir(search_r3_data):
+        shutil.copy(os.path.join(search_r3_data, name), out / name)
+    pairs = pq.read_table(out / "pairs.parquet")
+    analyses = [f"It asks about {q.split()[0]}." for q in pairs.column("query").to_pylist()]
+    pq.write_table(pairs.append_column("reasoning", pa.array(analyses)), out / "pairs.parquet")
+    return str(out)
+
+
+def test_stage1_export_then_grpo_on_two_ranks(reasoning_data, search_r3_data, stage1_base, ray_cluster, tmp_path):
     export = tmp_path / "export"
     sft, _ = run_recipe(
         "run_sft_cpu.sh", tmp_path / "sft",
         ["trainer.total_training_steps=3", "trainer.test_freq=3", "trainer.save_freq=3", "trainer.logger=[console,file]",
          "data.train_batch_size=4", "data.max_token_len_per_gpu=2048", "data.search_r3.num_negatives=2",
          "data.search_r3.query_max_length=128", "data.search_r3.doc_max_length=128"],
-        timeout=300, DATA_DIR=search_r3_data, MODEL_PATH=stage1_base, EXPORT_DIR=str(export), CKPT_DIR=str(tmp_path / "sft_ckpt"),
+        timeout=300, DATA_DIR=reasoning_data, MODEL_PATH=stage1_base, EXPORT_DIR=str(export), CKPT_DIR=str(tmp_path / "sft_ckpt"),
     )
     assert {1, 2, 3} <= set(sft)
     for step in (1, 2, 3):
         for key in ("search_r3/sft", "search_r3/infonce", "search_r3/triplet"):
             assert math.isfinite(sft[step][key]), (step, key)
+    assert max(sft[step]["search_r3/sft"] for step in (1, 2, 3)) > 0  # the reasoning form of half the queries is trained
     assert "val/loss" in sft[3]
 
     tok = AutoTokenizer.from_pretrained(export)

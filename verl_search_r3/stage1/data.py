@@ -21,9 +21,9 @@ Every sequence is a chat prompt that ends exactly at ``<|embed_token|>``:
   trace and the token, as the model will generate it;
 * positives and negatives: the **document** form.
 
-``loss_mask`` is 1 on the assistant turn only (the tokens the model would generate: the reasoning
-trace and the token, and, unless ``train_fixed_replies`` is off, the fixed reply
-``Embedding: <|embed_token|>`` of the direct forms), for the SFT and KL terms.
+``loss_mask`` is 1 on the assistant turn of the reasoning form (the tokens the model will
+generate: the trace and the token), for the SFT and KL terms; with ``train_fixed_replies`` also on
+the fixed reply ``Embedding: <|embed_token|>`` of the direct forms.
 Groups with fewer hard negatives than ``num_negatives`` are padded with empty documents marked
 invalid (:data:`VALID_KEY`); invalid sequences are masked out of every loss.
 
@@ -114,9 +114,10 @@ class GroupDataConfig:
         seed: seed of the reasoning/direct draw.
         train_fixed_replies: SFT and KL also on the fixed reply (``Embedding: <|embed_token|>``) of
             the query-direct and document forms. Those replies are prompt text at inference (the
-            direct prompts end at the token; nothing is generated), so False trains generation only
-            where the model writes: the reasoning form. True teaches the model to answer
-            ``Embedding:`` to any prompt, which competes with the analysis under the reasoning prompt.
+            direct prompts end at the token; nothing is generated), so the default (False) trains
+            generation only where the model writes: the reasoning form. True teaches the model to
+            answer ``Embedding:`` to the reasoning prompt too, skipping the analysis
+            (``benchmarks/reasoning_cold_start.py``: replies of ~5 tokens instead of ~40).
         templates: overrides of :class:`~verl_search_r3.prompts.PromptTemplates` fields
             (``query_reasoning_system``, ``query_direct_system``, ``document_system``, ``embed_reply``).
     """
@@ -129,7 +130,7 @@ class GroupDataConfig:
     train_split: str | None = "train"
     val_split: str | None = "val"
     seed: int = 0
-    train_fixed_replies: bool = True
+    train_fixed_replies: bool = False
     templates: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
