@@ -59,7 +59,6 @@ from verl_search_r3.evaluate import SystemResult, corpus_texts, evaluate_retriev
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGE1_SHOWN = ("search_r3/infonce", "search_r3/sft", "val/search_r3/emission_rate")
-GRPO_SHOWN = ("search_r3/ndcg", "search_r3/forced", "env/n_encoded")
 CRANFIELD = os.path.join(REPO, "..", "shared", "data", "cranfield")
 
 
@@ -102,9 +101,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     e.add_argument("--max-new-tokens", type=int, default=64, help="reasoning budget per held-out query")
     e.add_argument("--eval-batch-size", type=int, default=16, help="texts per encoder batch")
     e.add_argument("--grpo-steps", type=int, default=0,
-                   help="GRPO steps (recipes/run_grpo_cpu.sh, the rl_train queries, the recipe's batch) from (c)'s last checkpoint "
-                   "for row (d); 0 = no (d)")
-    return p.parse_args(argv)
+                   help="GRPO steps from (c)'s last checkpoint for row (d), run as the quickstart's GRPO stage (recipes/run_grpo_cpu.sh, "
+                   "4 rl_train queries x 4 rollouts per step; CPU only); 0 = no (d)")
+    args = p.parse_args(argv)
+    if args.grpo_steps > 0 and args.device != "cpu":
+        p.error("--grpo-steps runs the CPU GRPO recipe; on a GPU node run recipes/run_grpo_qwen1.5b.sh from (c)'s export")
+    return args
 
 
 def log(msg: str) -> None:
@@ -260,26 +262,18 @@ def stage1(args: argparse.Namespace, data_dir: str, model: str, run_dir: str, re
 
 
 def grpo(args: argparse.Namespace, data_dir: str, model: str, run_dir: str) -> dict[str, Any]:
-    """``--grpo-steps`` steps of ``main_ppo`` with the ``search_r3`` trainer from ``model``; returns
-    the logged metrics and the actor's HF export of the last step."""
+    """``--grpo-steps`` steps of the quickstart's GRPO run (``recipes/run_grpo_cpu.sh``, the ``search_r3``
+    trainer) from ``model``; returns the logged metrics and the actor's HF export of the last step."""
+    from verl_search_r3.quickstart import QuickstartConfig
+    from verl_search_r3.quickstart import grpo as quickstart_grpo
+
     if os.path.isdir(run_dir):
         shutil.rmtree(run_dir)
-    ckpt = os.path.join(run_dir, "ckpt")
-    env = {"OMP_NUM_THREADS": str(args.threads), "DATA_DIR": data_dir, "MODEL_PATH": model, "CKPT_DIR": ckpt}
-    script, extra = ("run_grpo_cpu.sh", []) if args.device == "cpu" else ("run_grpo_qwen1.5b.sh", [])
-    recipe = RecipeRun(os.path.join(REPO, "recipes", script), run_dir, args.grpo_steps, env, cpu=args.device == "cpu", name="grpo")
-    log(f"GRPO from {model}: {recipe.script}; log {recipe.log}")
-    metrics = recipe.run([
-        *extra, f"trainer.total_training_steps={args.grpo_steps}", f"trainer.save_freq={args.grpo_steps}",
-        f"trainer.test_freq={args.grpo_steps}", "trainer.val_before_train=False", "trainer.resume_mode=disable",
-        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
-        f"data.max_response_length={args.max_new_tokens}", f"search_r3.doc_max_length={args.doc_max_length}",
-        "search_r3.env.detached=False", f"data.seed={args.seed}", f"actor_rollout_ref.rollout.seed={args.seed}",
-    ], lambda m: " ".join(f"{k.split('/')[-1]} {m[k]:.3g}" for k in GRPO_SHOWN if k in m))
-    hf = os.path.join(ckpt, f"global_step_{args.grpo_steps}", "actor", "huggingface")
-    if not os.path.isfile(os.path.join(hf, "config.json")):
-        sys.exit(f"the GRPO run saved no Hugging Face model in {hf}; log: {recipe.log}")
-    return {"metrics": {str(k): v for k, v in metrics.items()}, "export": hf}
+    cfg = QuickstartConfig(recipes=os.path.join(REPO, "recipes"), grpo_steps=args.grpo_steps, max_new_tokens=args.max_new_tokens,
+                           doc_max_length=args.doc_max_length, seed=args.seed)
+    log(f"GRPO from {model} for {args.grpo_steps} steps; logs in {os.path.join(run_dir, 'logs')}")
+    export, metrics = quickstart_grpo(cfg, data_dir, model, run_dir)
+    return {"metrics": {str(k): v for k, v in metrics.items()}, "export": export}
 
 
 def curve(args: argparse.Namespace, run: dict[str, Any], name: str, queries: dict[str, str]) -> list[dict[str, Any]]:
