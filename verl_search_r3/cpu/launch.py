@@ -120,16 +120,29 @@ def _stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader, so that it does not count as alive
-        if not _group_alive(pgid):
-            break
-        time.sleep(0.1)
-    else:
+    if not _wait_group(proc, grace):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+        # SIGKILL is delivered when the kernel next schedules each member: on a loaded machine a member
+        # can still show as running right after killpg returns, so wait for it (bounded: a member in
+        # uninterruptible sleep dies only when its I/O ends).
+        _wait_group(proc, _KILL_WAIT_SECONDS)
     proc.wait()
+
+
+_KILL_WAIT_SECONDS = 10.0
+
+
+def _wait_group(proc: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to ``seconds`` until no process of ``proc``'s group runs; return whether none does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        proc.poll()  # reap the leader, so that it does not count as alive
+        if not _group_alive(proc.pid):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _group_alive(pgid: int) -> bool:
