@@ -31,7 +31,7 @@ def ray_session(ray_cluster):
 
 
 def recipe_env(**overrides) -> EnvConfig:
-    """``search_r3.env`` exactly as the shipped recipe sets it (state_dir null, detached,
+    """``search_r3.env`` exactly as the shipped recipe sets it (state_dir null, not detached,
     max_restarts 3, 2 CPUs per shard on the test cluster's logical CPUs, ...), with a run-unique
     name, no progress bars and 2 shards."""
     values = OmegaConf.to_container(OmegaConf.load(RECIPE).search_r3.env)

@@ -137,7 +137,7 @@ def _config(tiny_qwen_dir, corpus_path, *overrides):
             f"actor_rollout_ref.model.path={tiny_qwen_dir}", "reward.num_workers=1",
             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=4",
             f"search_r3.corpus_path={corpus_path}", "search_r3.doc_max_length=64",
-            f"search_r3.env.name=test-env-{uuid.uuid4().hex[:6]}", "search_r3.env.num_cpus=1", "search_r3.env.detached=false",
+            f"search_r3.env.name=test-env-{uuid.uuid4().hex[:6]}", "search_r3.env.num_cpus=1",
             "search_r3.env.candidates_k=20", "search_r3.env.dtype=float32", "search_r3.env.progress=false",
             "search_r3.contrastive.num_negatives=3", *overrides,
         ])

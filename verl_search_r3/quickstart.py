@@ -232,7 +232,7 @@ def grpo(cfg: QuickstartConfig, data_dir: str, model_dir: str, folder: str) -> t
             f"data.max_response_length={cfg.max_new_tokens}", f"actor_rollout_ref.actor.optim.lr={cfg.grpo_lr}",
             f"search_r3.doc_max_length={cfg.doc_max_length}", f"search_r3.contrastive.coef={cfg.contrastive_coef}",
             f"search_r3.contrastive.num_negatives={cfg.num_negatives}", f"search_r3.rollout.on_missing_token={cfg.on_missing_token}",
-            "search_r3.env.detached=False", f"data.seed={cfg.seed}", f"actor_rollout_ref.rollout.seed={cfg.seed}",
+            f"data.seed={cfg.seed}", f"actor_rollout_ref.rollout.seed={cfg.seed}",
         ],
         lambda m: _fmt(m, [("search_r3/ndcg", "ndcg"), ("env/n_encoded", "re-encoded"), ("actor/contrastive_loss", "nce")]),
     )

@@ -191,7 +191,7 @@ def search_r3_overrides(cfg: SmokeConfig, ckpt: str) -> list[str]:
     """Search-R3 GRPO: validation and a checkpoint at step 3 (the caller sets the step count)."""
     return [
         *_ppo_overrides(cfg), "data.max_response_length=32", "search_r3.doc_max_length=128",
-        "search_r3.env.detached=False", "search_r3.rollout.on_missing_token=force", "trainer.test_freq=3", "trainer.save_freq=3",
+        "search_r3.rollout.on_missing_token=force", "trainer.test_freq=3", "trainer.save_freq=3",
         f"trainer.default_local_dir={ckpt}",
     ]
 

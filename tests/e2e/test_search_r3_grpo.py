@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import math
 import os
+import time
 
 import pytest
 from e2e_run import PPO_TINY, run_recipe
+
+from verl_search_r3.env.actor import shard_name
+from verl_search_r3.env.config import EnvConfig
 
 pytestmark = pytest.mark.e2e
 
@@ -25,7 +29,6 @@ SEARCH_R3_TINY = [
     "search_r3.env.candidates_k=8",
     "search_r3.env.expand_top=2",
     "search_r3.env.graph_k=4",
-    "search_r3.env.detached=False",  # the actors end with the job, not with the shared cluster
     "trainer.save_freq=2",
     "trainer.test_freq=2",
     "trainer.total_epochs=2",  # 9 training queries: 2 batches per epoch
@@ -52,6 +55,7 @@ def test_grpo_two_steps_then_resume_from_the_checkpoint(search_r3_data, search_r
     assert any(k.startswith("val-core/search_r3/") and k.endswith("/reward/mean@1") for k in metrics[2]), sorted(metrics[2])
     assert any(k.startswith("val-search_r3/") for k in metrics[2]), "validation metrics of the search_r3 reward (issue 15)"
     assert os.path.isdir(tmp_path / "ckpt" / "global_step_2" / "search_r3_env")
+    assert _shard_gone(), "the recipe's environment shards must end with the run, not live on in the shared cluster"
 
     resumed, log = run_recipe("run_grpo_cpu.sh", tmp_path / "resume", [*SEARCH_R3_TINY, "trainer.total_training_steps=3"],
                               timeout=300, ray_address=ray_cluster, **env)
@@ -63,3 +67,19 @@ def test_grpo_two_steps_then_resume_from_the_checkpoint(search_r3_data, search_r
     # finds them stale; a fresh encode at start-up would have made them all version 2
     assert m["env/requested_max_age"] >= 1 and m["env/n_encoded"] > 0
     assert m["actor/embed_found_frac"] == 1.0 and math.isfinite(m["actor/contrastive_loss"])
+
+
+def _shard_gone(seconds: float = 30.0) -> bool:
+    """Whether the recipe's environment shard is gone from the test run's Ray cluster (the death of
+    the run's processes reaches Ray shortly after they exit)."""
+    import ray
+
+    cfg = EnvConfig()  # the recipe's name and namespace
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(shard_name(cfg, 0), namespace=cfg.namespace)
+        except ValueError:
+            return True
+        time.sleep(0.5)
+    return False

@@ -61,7 +61,6 @@ def test_stage1_export_then_grpo_on_two_ranks(reasoning_data, search_r3_data, st
         [*PPO_TINY, "trainer.n_gpus_per_node=2", "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.test_freq=-1",
          "data.max_response_length=16", "search_r3.doc_max_length=64", "search_r3.reward_candidates=20",
          "search_r3.contrastive.num_negatives=3", "search_r3.env.candidates_k=8", "search_r3.env.graph_k=4",
-         "search_r3.env.detached=False",
          # the export never samples the token yet: append it (loss mask 0) so every rollout is embedded
          "search_r3.rollout.on_missing_token=force"],
         timeout=420, ray_address=ray_cluster, DATA_DIR=search_r3_data, MODEL_PATH=str(export), CKPT_DIR=str(tmp_path / "ckpt"),
