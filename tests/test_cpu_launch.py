@@ -37,10 +37,11 @@ def test_run_logged_timeout_stops_the_whole_group(tmp_path):
 
 def test_stop_group_kills_a_member_that_ignores_sigterm_after_the_leader_exits(tmp_path):
     pid_file = tmp_path / "child.pid"
-    proc = subprocess.Popen(["bash", "-c", f"bash -c 'trap \"\" TERM; sleep 60' & echo $! > {pid_file}; wait"], start_new_session=True)
-    while not pid_file.exists() or not pid_file.read_text().strip():
+    # the member writes its pid once its trap is installed (a pid file before it would race the SIGTERM)
+    member = f"trap '' TERM; echo \\$\\$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; sleep 60"
+    proc = subprocess.Popen(["bash", "-c", f'bash -c "{member}" & wait'], start_new_session=True)
+    while not pid_file.exists():
         time.sleep(0.05)
-    time.sleep(0.3)  # let the member install its trap
     child = int(pid_file.read_text())
     start = time.monotonic()
     _stop_group(proc, grace=1.0)
