@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("ray_cluster")  # the test run's Ray cluste
 
 
 def _config(name: str, **kw) -> EnvConfig:
-    return EnvConfig(name=name, detached=False, num_cpus=0.5, progress=False, **kw)
+    return EnvConfig(name=name, num_cpus=0.5, progress=False, **kw)
 
 
 def _corpus(n: int = 2000, d: int = 16, seed: int = 0):

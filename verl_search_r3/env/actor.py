@@ -545,6 +545,6 @@ class CorpusIndexClient:
         ray.get([s.restore.remote(os.path.join(path, _shard_dir(i, n))) for i, s in enumerate(self.shards)])
 
     def shutdown(self) -> None:
-        """Kill the shard actors (they are detached by default and outlive their creator)."""
+        """Kill the shard actors (needed for ``detached`` ones, which outlive their creator)."""
         for s in self.shards:
             ray.kill(s, no_restart=True)

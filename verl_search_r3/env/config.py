@@ -88,7 +88,8 @@ class EnvConfig:
         max_concurrency: concurrent calls one shard serves (readers run in parallel).
         max_restarts: restarts of a crashed shard; a restarted shard reloads its last snapshot.
         max_task_retries: retries of a call interrupted by a shard crash (all calls are idempotent).
-        detached: keep the actors alive after the creating process exits (kill with ``shutdown``).
+        detached: keep the actors alive after the creating process exits (kill with ``shutdown``);
+            False (Ray's default): they end with it.
         state_dir: directory where shards record their last snapshot path, read on restart
             (None = a restarted shard starts empty; the ``search_r3`` trainer sets it to a folder
             under ``trainer.default_local_dir``).
@@ -135,7 +136,7 @@ class EnvConfig:
     max_concurrency: int = 16
     max_restarts: int = 3
     max_task_retries: int = 2
-    detached: bool = True
+    detached: bool = False
     state_dir: str | None = None
     on_shard_restart: Literal["reencode", "refuse"] = "reencode"
 
